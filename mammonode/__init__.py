@@ -1,0 +1,3 @@
+"""mammonode: a DICOM-native AI node for screening mammography."""
+
+__version__ = "0.1.0"

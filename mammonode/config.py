@@ -1,0 +1,313 @@
+"""Node configuration: a TOML file, overridable by ``MAMMONODE_<SECTION>_<KEY>`` variables.
+
+Every setting has a default (documented in the repository's config.toml). Validation names
+the offending key so that a mistyped setting is one clear line, and the CLI exits with 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mammonode.pipeline.weights import MODEL_NAMES
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars of the Default repertoire, no backslash
+
+
+def _ae_title(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip() or not _AE_TITLE.match(value):
+        raise ConfigError(f"{key}: an AE title is 1-16 printable ASCII characters without backslash, got {value!r}")
+    return value.strip()
+
+
+@dataclass
+class NodeSection:
+    ae_title: str = "MAMMONODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    require_called_aet: bool = True
+    max_associations: int = 16
+    max_pdu: int = 0  # 0: unlimited
+    network_timeout_s: float = 60.0
+    tls: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+
+@dataclass
+class StorageSection:
+    directory: str = "/var/lib/mammonode"
+
+
+@dataclass
+class DatabaseSection:
+    url: str = ""
+
+
+@dataclass
+class StudySection:
+    quiet_period_s: float = 30.0
+    incomplete_timeout_s: float = 900.0
+
+
+@dataclass
+class PipelineSection:
+    device: str = "auto"
+    weights_dir: str = "/var/lib/mammonode/weights"
+    epochs: int = 10
+    seed: int = 0
+    augmentation: bool = True
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    precision: str = "fp32"
+    heatmap_batch: int = 8
+    threads: int = 0  # 0: all CPUs this process may use
+
+
+@dataclass
+class WorkerSection:
+    enabled: bool = True
+    concurrency: int = 1
+    poll_interval_s: float = 2.0
+    heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 120.0
+    max_attempts: int = 3
+
+
+@dataclass
+class DeliverySection:
+    max_attempts: int = 8
+    backoff_initial_s: float = 30.0
+    backoff_max_s: float = 3600.0
+    poll_interval_s: float = 2.0
+
+
+@dataclass
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    calling_ae_title: str = ""
+
+
+@dataclass
+class LoggingSection:
+    level: str = "INFO"
+    json: bool = False
+    file: str = ""
+
+
+_SECTIONS = {
+    "node": NodeSection,
+    "storage": StorageSection,
+    "database": DatabaseSection,
+    "study": StudySection,
+    "pipeline": PipelineSection,
+    "worker": WorkerSection,
+    "delivery": DeliverySection,
+    "logging": LoggingSection,
+}
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    study: StudySection = field(default_factory=StudySection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    delivery: DeliverySection = field(default_factory=DeliverySection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    destinations: list[Destination] = field(default_factory=list)
+    source: str = "<defaults>"
+
+    @property
+    def storage_dir(self) -> Path:
+        return Path(self.storage.directory)
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage_dir / 'mammonode.sqlite').resolve()}"
+
+    @property
+    def weights_dir(self) -> Path:
+        return Path(self.pipeline.weights_dir)
+
+
+def _coerce(value: Any, target: Any, key: str) -> Any:
+    """Check a TOML value (or an environment string) against the field's default type."""
+    from_env = isinstance(value, str) and not isinstance(target, str)
+    if isinstance(target, bool):
+        if from_env:
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(target, int):
+        try:
+            if from_env:
+                return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        except ValueError:
+            pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(target, float):
+        try:
+            if from_env:
+                return float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        except ValueError:
+            pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(target, list):
+        if from_env:
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    if isinstance(target, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build_section(name: str, raw: dict[str, Any]) -> Any:
+    cls = _SECTIONS[name]
+    section = cls()
+    known = {f.name for f in fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+        setattr(section, key, _coerce(value, getattr(section, key), f"{name}.{key}"))
+    return section
+
+
+def _destination(raw: Any, index: int) -> Destination:
+    where = f"destinations[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name for f in fields(Destination)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+    for key in ("name", "ae_title", "host", "port"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: missing")
+    dest = Destination(
+        name=_coerce(raw["name"], "", f"{where}.name"),
+        ae_title=_ae_title(raw["ae_title"], f"{where}.ae_title"),
+        host=_coerce(raw["host"], "", f"{where}.host"),
+        port=_coerce(raw["port"], 0, f"{where}.port"),
+        tls=_coerce(raw.get("tls", False), False, f"{where}.tls"),
+        calling_ae_title=_coerce(raw.get("calling_ae_title", ""), "", f"{where}.calling_ae_title"),
+    )
+    if not 1 <= dest.port <= 65535:
+        raise ConfigError(f"{where}.port: must be 1-65535, got {dest.port}")
+    if dest.calling_ae_title:
+        _ae_title(dest.calling_ae_title, f"{where}.calling_ae_title")
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", dest.name):
+        raise ConfigError(f"{where}.name: letters, digits, '.', '_' and '-' only, got {dest.name!r}")
+    return dest
+
+
+def _validate(cfg: Config) -> None:
+    cfg.node.ae_title = _ae_title(cfg.node.ae_title, "node.ae_title")
+    for i, aet in enumerate(cfg.node.allowed_calling_aets):
+        _ae_title(aet, f"node.allowed_calling_aets[{i}]")
+    if not 0 <= cfg.node.port <= 65535:
+        raise ConfigError(f"node.port: must be 0-65535, got {cfg.node.port}")
+    if cfg.node.max_associations < 1:
+        raise ConfigError("node.max_associations: must be at least 1")
+    if cfg.node.tls and not (cfg.node.tls_cert and cfg.node.tls_key):
+        raise ConfigError("node.tls_cert: required (with node.tls_key) when node.tls = true")
+    if not cfg.storage.directory:
+        raise ConfigError("storage.directory: must not be empty")
+    if cfg.database.url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", cfg.database.url):
+        raise ConfigError(f"database.url: expected sqlite:/// or postgresql+psycopg:// URL, got {cfg.database.url!r}")
+    if cfg.study.quiet_period_s < 0:
+        raise ConfigError("study.quiet_period_s: must not be negative")
+    if cfg.study.incomplete_timeout_s <= 0:
+        raise ConfigError("study.incomplete_timeout_s: must be positive")
+    if cfg.pipeline.device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", cfg.pipeline.device):
+        raise ConfigError(f"pipeline.device: auto, cpu, cuda or cuda:N, got {cfg.pipeline.device!r}")
+    if cfg.pipeline.epochs < 1:
+        raise ConfigError("pipeline.epochs: must be at least 1")
+    for model in cfg.pipeline.models:
+        if model not in MODEL_NAMES:
+            raise ConfigError(f"pipeline.models: unknown model {model!r} (known: {', '.join(MODEL_NAMES)})")
+    if cfg.pipeline.precision not in ("fp32", "bf16", "tf32"):
+        raise ConfigError(f"pipeline.precision: fp32, bf16 or tf32, got {cfg.pipeline.precision!r}")
+    if cfg.worker.concurrency < 1:
+        raise ConfigError("worker.concurrency: must be at least 1")
+    if cfg.worker.stale_after_s <= cfg.worker.heartbeat_interval_s:
+        raise ConfigError("worker.stale_after_s: must be longer than worker.heartbeat_interval_s")
+    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"logging.level: DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
+    names = [d.name for d in cfg.destinations]
+    if len(names) != len(set(names)):
+        raise ConfigError("destinations: names must be unique")
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (``MAMMONODE_CONFIG`` or ./config.toml when None; defaults when it does
+    not exist and was not asked for explicitly), then apply environment overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    explicit = path is not None or "MAMMONODE_CONFIG" in environ
+    path = Path(path or environ.get("MAMMONODE_CONFIG") or "config.toml")
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"{path}: config file not found")
+    cfg = Config(source=str(path) if path.exists() else "<defaults>")
+    for key in raw:
+        if key not in _SECTIONS and key != "destinations":
+            raise ConfigError(f"{key}: unknown section (known: {', '.join([*_SECTIONS, 'destinations'])})")
+    for name in _SECTIONS:
+        section_raw = raw.get(name, {})
+        if not isinstance(section_raw, dict):
+            raise ConfigError(f"{name}: expected a table")
+        setattr(cfg, name, _build_section(name, section_raw))
+    cfg.destinations = [_destination(d, i) for i, d in enumerate(raw.get("destinations", []))]
+
+    prefix = "MAMMONODE_"
+    for var, value in environ.items():
+        if not var.startswith(prefix) or var == "MAMMONODE_CONFIG":
+            continue
+        rest = var[len(prefix):].lower()
+        section_name = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section_name is None:
+            continue
+        key = rest[len(section_name) + 1:]
+        section = getattr(cfg, section_name)
+        if not hasattr(section, key):
+            raise ConfigError(f"{var}: {section_name} has no setting {key!r}")
+        setattr(section, key, _coerce(value, getattr(section, key), f"{var} ({section_name}.{key})"))
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,75 @@
+"""Cancer predictions of the view-split classifiers, averaged over augmented epochs.
+
+Windows for all epochs are drawn first (the random stream is the original's: per epoch, per
+view in L-CC, R-CC, L-MLO, R-MLO order), then the epochs go through the network in batches.
+The input channels are laid out as the original lays them (image alone, or image + benign
++ malignant heatmaps resized together), because OpenCV's bicubic resize does not give
+bit-identical channels for different channel counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from mammonode.pipeline.augment import Window, cut, sample_window, standardise32
+from mammonode.pipeline.models.resnet22 import LABELS, SplitBreastModel
+from mammonode.views import VIEWS, angle
+
+MAX_CROP_NOISE = (100, 100)
+MAX_CROP_SIZE_NOISE = 100
+
+
+def draw_windows(shapes: Mapping[str, tuple[int, int]], centers: Mapping[str, tuple[int, int]],
+                 epochs: int, seed: int, augmentation: bool) -> list[dict[str, Window]]:
+    rng = np.random.RandomState(seed)
+    noise, size_noise = (MAX_CROP_NOISE, MAX_CROP_SIZE_NOISE) if augmentation else ((0, 0), 0)
+    windows = []
+    for _ in range(epochs):
+        epoch = {}
+        for view in VIEWS:
+            if augmentation:
+                rng.randint(low=0, high=1)  # image index: one image per view
+            epoch[view] = sample_window(shapes[view], angle(view), centers[view], rng, noise, size_noise)
+        windows.append(epoch)
+    return windows
+
+
+def model_input(image: np.ndarray, heatmaps: np.ndarray | None, window: Window, view: str) -> np.ndarray:
+    """(C, H, W) float32 input for one view and one window."""
+    if heatmaps is None:
+        return standardise32(cut(image, window, angle(view)))[None]
+    joint = cut(np.dstack([image, heatmaps]), window, angle(view))
+    channels = np.empty((joint.shape[2],) + joint.shape[:2], dtype=np.float32)
+    channels[0] = standardise32(joint[:, :, 0])
+    channels[1:] = np.moveaxis(joint[:, :, 1:], 2, 0)
+    return channels
+
+
+def predict(model: SplitBreastModel, images: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray] | None,
+            centers: Mapping[str, tuple[int, int]], epochs: int, seed: int, augmentation: bool,
+            batch_size: int = 2, device: torch.device | None = None, precision: str = "fp32") -> dict[str, float]:
+    """``images``: cropped views facing right; ``heatmaps``: per view (H, W, 2) benign, malignant."""
+    device = device or next(model.parameters()).device
+    epochs = epochs if augmentation else 1
+    windows = draw_windows({v: images[v].shape for v in VIEWS}, centers, epochs, seed, augmentation)
+    per_epoch = []
+    for begin in range(0, epochs, batch_size):
+        chunk = windows[begin : begin + batch_size]
+        batch = {}
+        for view in VIEWS:
+            aux = heatmaps[view] if heatmaps is not None else None
+            arrays = np.stack([model_input(images[view], aux, w[view], view) for w in chunk])
+            batch[view] = torch.from_numpy(arrays).to(device)
+        with torch.inference_mode():
+            if precision == "bf16":
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                    out = model(batch)
+            else:
+                out = model(batch)
+        # Each label's probability is the mean of its CC and MLO heads.
+        per_epoch.append(((out["CC"].float() + out["MLO"].float()) / 2).cpu().numpy())
+    mean = np.concatenate(per_epoch).astype(np.float64).mean(axis=0)
+    return {label: float(value) for label, value in zip(LABELS, mean)}

@@ -1,0 +1,212 @@
+"""Benign and malignant heatmaps from the patch classifier (NYU's run_producer step).
+
+Each cropped view (facing right) is standardised once and cut into 256-pixel patches on a
+grid whose strides come from Python's ``random`` exactly as the original draws them; the
+patch classifier's softmax for each patch is averaged over every pixel the patch covers.
+Differences from the original that leave the numbers unchanged: patches of all four views
+are gathered by array indexing and classified in shared batches, all-background patches
+(identical by construction) are classified once, the grey patch goes through a conv0 whose
+weights are summed over the three identical input channels, and the averaging uses a 2-D
+difference array instead of adding every patch into the map.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mammonode.pipeline.images import ImageInputError
+
+PATCH_SIZE = 256
+STRIDE_FIXED = 70
+# Output column of the patch classifier that each heatmap shows (the original's heatmap_type).
+MALIGNANT_CLASS = 0
+BENIGN_CLASS = 1
+
+
+def stride_list(length: int, rng: random.Random, patch: int = PATCH_SIZE, stride: int = STRIDE_FIXED) -> list[int]:
+    """Strides along one axis: as many ``stride`` steps as fit, then the remainder spread by
+    making randomly chosen steps one pixel shorter so the last patch ends at the edge.
+    (The original's ``more_patches`` has no effect with a fixed stride.)"""
+    if length < patch:
+        raise ImageInputError(f"cropped image side {length} is smaller than the {patch}-pixel patch")
+    steps = (length - patch) // stride
+    left_over = (length - patch) % stride
+    if left_over == 0:
+        return [stride] * steps
+    steps += 1
+    overlap = stride - left_over
+    strides = [stride - overlap // steps] * steps
+    for i in rng.sample(range(steps), overlap % steps):
+        strides[i] -= 1
+    return strides
+
+
+def origins(strides: Sequence[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(strides)]).astype(np.int64)
+
+
+@dataclass
+class PatchGrid:
+    """Patch origins of one view, rows varying fastest (the original's patch order)."""
+
+    shape: tuple[int, int]
+    width_strides: list[int]  # along rows (first axis)
+    length_strides: list[int]  # along columns
+
+    @property
+    def top_left(self) -> np.ndarray:
+        ys = origins(self.width_strides)
+        xs = origins(self.length_strides)
+        grid = np.stack(np.meshgrid(ys, xs, indexing="xy"), axis=-1)  # (len(xs), len(ys), 2)
+        return grid.reshape(-1, 2)
+
+
+def make_grids(shapes: Sequence[tuple[int, int]], seed: int = 0) -> list[PatchGrid]:
+    """Grids of all views in order, from one stream seeded as the original seeds it."""
+    rng = random.Random(seed)
+    grids = []
+    for shape in shapes:
+        width = stride_list(shape[0], rng)
+        length = stride_list(shape[1], rng)
+        grids.append(PatchGrid(shape=tuple(shape), width_strides=width, length_strides=length))
+    return grids
+
+
+def standardise64(image: np.ndarray) -> np.ndarray:
+    """The original standardises the whole crop in float64 and feeds float32 patches."""
+    image = image.astype(np.float64)
+    image -= image.mean()
+    image /= max(image.std(), 1e-5)
+    return image.astype(np.float32)
+
+
+def _background_patches(raw: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Which patches hold only zero pixels (a summed-area table of the non-zero mask)."""
+    nonzero = np.zeros((raw.shape[0] + 1, raw.shape[1] + 1), dtype=np.int64)
+    nonzero[1:, 1:] = (raw != 0).cumsum(0).cumsum(1)
+    y0, x0 = corners[:, 0], corners[:, 1]
+    y1, x1 = y0 + PATCH_SIZE, x0 + PATCH_SIZE
+    counts = nonzero[y1, x1] - nonzero[y0, x1] - nonzero[y1, x0] + nonzero[y0, x0]
+    return counts == 0
+
+
+def _gather(image: torch.Tensor, corners: np.ndarray) -> torch.Tensor:
+    offsets = torch.arange(PATCH_SIZE)
+    rows = torch.as_tensor(corners[:, 0])[:, None] + offsets
+    cols = torch.as_tensor(corners[:, 1])[:, None] + offsets
+    return image[rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+def accumulate(shape: tuple[int, int], corners: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over the patches covering each pixel."""
+    height, width = shape
+    total = np.zeros((height + 1, width + 1), dtype=np.float64)
+    count = np.zeros((height + 1, width + 1), dtype=np.float64)
+    y0, x0 = corners[:, 0], corners[:, 1]
+    y1, x1 = y0 + PATCH_SIZE, x0 + PATCH_SIZE
+    for arr, v in ((total, values.astype(np.float64)), (count, np.ones(len(values)))):
+        np.add.at(arr, (y0, x0), v)
+        np.add.at(arr, (y0, x1), -v)
+        np.add.at(arr, (y1, x0), -v)
+        np.add.at(arr, (y1, x1), v)
+    total = total.cumsum(0).cumsum(1)[:height, :width]
+    count = np.rint(count.cumsum(0).cumsum(1)[:height, :width])
+    return (total / count).astype(np.float32)
+
+
+@dataclass
+class Heatmaps:
+    benign: np.ndarray
+    malignant: np.ndarray
+
+
+@dataclass
+class HeatmapStats:
+    patches: int
+    classified: int
+    seconds_model: float
+
+
+PatchRunner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fp32_runner(model: nn.Module, channels_last: bool = True, precision: str = "fp32") -> PatchRunner:
+    device = next(model.parameters()).device
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if precision == "bf16":
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                    logits = model(x)
+            else:
+                logits = model(x)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    return run
+
+
+def compute_heatmaps(
+    crops: Sequence[np.ndarray], grids: Sequence[PatchGrid], run: PatchRunner, batch_size: int = 64
+) -> tuple[list[Heatmaps], HeatmapStats]:
+    """Heatmaps for each cropped view (facing right) on its grid."""
+    import time
+
+    standardised, corner_lists, todo = [], [], []
+    for index, (crop, grid) in enumerate(zip(crops, grids)):
+        if crop.shape != grid.shape:
+            raise ValueError("grid does not match its image")
+        corners = grid.top_left
+        corner_lists.append(corners)
+        standardised.append(torch.from_numpy(standardise64(crop)))
+        background = _background_patches(crop, corners)
+        todo.append((index, corners, background))
+
+    # One representative per view for its all-background patches (they all share one value
+    # after standardisation, but the value differs between views).
+    jobs: list[tuple[int, np.ndarray]] = []  # (view index, corners to classify)
+    for index, _corners, background in todo:
+        keep = ~background
+        if background.any():
+            keep[np.flatnonzero(background)[0]] = True
+        jobs.append((index, np.flatnonzero(keep)))
+
+    probabilities = [np.zeros((len(c), 4), dtype=np.float32) for c in corner_lists]
+    queue_view = np.concatenate([np.full(len(chosen), index) for index, chosen in jobs])
+    queue_patch = np.concatenate([chosen for _, chosen in jobs])
+    start = time.perf_counter()
+    for begin in range(0, len(queue_view), batch_size):
+        views = queue_view[begin : begin + batch_size]
+        patches = queue_patch[begin : begin + batch_size]
+        present = np.unique(views)
+        batch = torch.cat([_gather(standardised[v], corner_lists[v][patches[views == v]]) for v in present])
+        out = run(batch).numpy()
+        row = 0
+        for v in present:
+            chosen = patches[views == v]
+            probabilities[v][chosen] = out[row : row + len(chosen)]
+            row += len(chosen)
+    seconds = time.perf_counter() - start
+
+    results = []
+    for index, corners, background in todo:
+        probs = probabilities[index]
+        if background.any():
+            first = np.flatnonzero(background)[0]
+            probs[background] = probs[first]
+        results.append(Heatmaps(
+            benign=accumulate(grids[index].shape, corners, probs[:, BENIGN_CLASS]),
+            malignant=accumulate(grids[index].shape, corners, probs[:, MALIGNANT_CLASS]),
+        ))
+    stats = HeatmapStats(patches=sum(len(c) for c in corner_lists), classified=len(queue_view), seconds_model=seconds)
+    return results, stats

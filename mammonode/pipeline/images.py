@@ -1,0 +1,153 @@
+"""Turning a DICOM instance or a PNG file into the grey image the NYU pipeline expects.
+
+The models were trained on raw stored values (every stage standardises or thresholds the
+image), so we decode, apply the Modality LUT / rescale, and put MONOCHROME1 the right way up
+against the full stored range so that the background stays 0; VOI LUT and windowing are
+display transforms and are ignored. Orientation: the cancer pipeline expects each image as
+acquired (left views facing right, right views facing left, the original's
+``horizontal_flip: NO``); an image whose Patient Orientation says it is stored mirrored is
+mirrored back, and that is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from mammonode.views import laterality
+
+
+class ImageInputError(ValueError):
+    """An input image cannot be used (undecodable, not grey-scale, wrong shape, ...)."""
+
+
+@dataclass
+class PreparedView:
+    view: str
+    image: np.ndarray  # float32, as acquired: L facing right, R facing left
+    source: str
+    mirrored: bool
+    orientation_source: str  # "patient_orientation", "pixels" or "png"
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def facing_right(self) -> np.ndarray:
+        """The image with every view facing right (the frame of the models)."""
+        return self.image[:, ::-1] if laterality(self.view) == "R" else self.image
+
+
+# The first letter of the row direction when a view faces the usual way: moving right along a
+# row goes towards the nipple (anterior) for a left breast, towards the chest wall for a right.
+_EXPECTED_ROW = {"L": "A", "R": "P"}
+_OPPOSITE_ROW = {"A": "P", "P": "A"}
+
+
+def _stored_mirrored(view: str, orientation: list[str] | None) -> bool | None:
+    """True/False from Patient Orientation, None when it does not say."""
+    if not orientation or len(orientation) < 1 or not str(orientation[0]):
+        return None
+    first = str(orientation[0]).strip().upper()[:1]
+    expected = _EXPECTED_ROW[laterality(view)]
+    if first == expected:
+        return False
+    if first == _OPPOSITE_ROW.get(expected):
+        return True
+    return None
+
+
+def _mirrored_from_pixels(view: str, image: np.ndarray) -> bool:
+    """Which side holds the breast, when the header does not say: the chest wall is the
+    side with more tissue-bearing (non-zero) pixels."""
+    half = image.shape[1] // 2
+    left = np.count_nonzero(image[:, :half])
+    right = np.count_nonzero(image[:, half:])
+    faces_right = left >= right
+    return faces_right != (laterality(view) == "L")
+
+
+def grey_pixels(ds: Dataset) -> np.ndarray:
+    """Decoded pixels with Modality LUT applied and MONOCHROME1 inverted, as float32."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise ImageInputError("data set has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ImageInputError("not a grey-scale image (SamplesPerPixel != 1)")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise ImageInputError("multi-frame images are not pipeline inputs")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many different types
+        raise ImageInputError(f"cannot decode pixel data: {exc}") from exc
+    if stored.ndim != 2:
+        raise ImageInputError(f"unexpected pixel array shape {stored.shape}")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    values = stored.astype(np.float64)
+    if photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
+        if int(ds.get("PixelRepresentation", 0)) == 0:
+            values = (2**bits - 1) - values
+        else:
+            values = (2 ** (bits - 1) - 1) - values
+    elif photometric != "MONOCHROME2":
+        raise ImageInputError(f"photometric interpretation {photometric} is not grey-scale")
+    if "ModalityLUTSequence" not in ds:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != 1 or intercept != 0:
+            values = values * slope + intercept
+    else:
+        from pydicom.pixels import apply_modality_lut
+
+        values = apply_modality_lut(values.astype(stored.dtype), ds).astype(np.float64)
+    return values.astype(np.float32)
+
+
+def prepare_dicom(view: str, ds: Dataset, source: str) -> PreparedView:
+    image = grey_pixels(ds)
+    orientation = list(ds.get("PatientOrientation", []) or [])
+    mirrored = _stored_mirrored(view, orientation)
+    how = "patient_orientation"
+    if mirrored is None:
+        mirrored, how = _mirrored_from_pixels(view, image), "pixels"
+    if mirrored:
+        image = np.ascontiguousarray(image[:, ::-1])
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return PreparedView(
+        view=view,
+        image=image,
+        source=source,
+        mirrored=bool(mirrored),
+        orientation_source=how,
+        sop_class_uid=str(ds.get("SOPClassUID", "")) or None,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+    )
+
+
+def read_dicom(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:
+        raise ImageInputError(f"{path}: not a readable DICOM file: {exc}") from exc
+
+
+def prepare_png(view: str, path: Path, mirrored: bool = False) -> PreparedView:
+    """A grey PNG as acquired (or stored mirrored, when ``mirrored``)."""
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ImageInputError(f"{path}: not a readable PNG file")
+    if pixels.ndim != 2:
+        raise ImageInputError(f"{path}: not a grey-scale PNG (shape {pixels.shape})")
+    image = pixels.astype(np.float32)
+    if mirrored:
+        image = np.ascontiguousarray(image[:, ::-1])
+    return PreparedView(view=view, image=image, source=str(path), mirrored=mirrored, orientation_source="png")

@@ -1,0 +1,43 @@
+"""Collecting one exam's four views from DICOM files and/or PNG files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from mammonode.dicom_views import assign_view
+from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, prepare_png, read_dicom
+from mammonode.views import VIEWS
+
+
+def parse_png_spec(spec: str) -> tuple[str, Path]:
+    if "=" not in spec:
+        raise ImageInputError(f"--png expects VIEW=PATH, got {spec!r}")
+    view, path = spec.split("=", 1)
+    view = view.strip().upper()
+    if view not in VIEWS:
+        raise ImageInputError(f"--png view must be one of {', '.join(VIEWS)}, got {view!r}")
+    return view, Path(path)
+
+
+def prepare_exam(dicom_files: Iterable[Path] = (), png_specs: Iterable[str] = (),
+                 png_mirrored: Iterable[str] = ()) -> tuple[dict[str, PreparedView], float]:
+    """Prepared views and the seconds it took. A view given twice is an error."""
+    start = time.perf_counter()
+    views: dict[str, PreparedView] = {}
+    mirrored = {v.strip().upper() for v in png_mirrored}
+    for path in dicom_files:
+        ds = read_dicom(Path(path))
+        assignment = assign_view(ds)
+        if not assignment.usable:
+            raise ImageInputError(f"{path}: not a usable screening view ({assignment.reason})")
+        if assignment.view in views:
+            raise ImageInputError(f"{path}: a second {assignment.view} image")
+        views[assignment.view] = prepare_dicom(assignment.view, ds, str(path))
+    for spec in png_specs:
+        view, path = parse_png_spec(spec)
+        if view in views:
+            raise ImageInputError(f"{path}: a second {view} image")
+        views[view] = prepare_png(view, path, mirrored=view in mirrored)
+    return views, time.perf_counter() - start

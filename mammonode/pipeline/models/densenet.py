@@ -1,0 +1,176 @@
+"""DenseNet-121 patch classifier with TensorFlow-style "SAME" padding.
+
+The NYU patch classifier was trained in TensorFlow and ported to PyTorch by wrapping every
+convolution and pooling layer of torchvision's densenet121 so that it pads like TF "SAME"
+(asymmetric: the extra pixel goes to the bottom/right). Module names follow torchvision's
+densenet so the original state_dict loads (after the loader maps the old
+``norm.1``/``conv.1`` spelling to ``norm1``/``conv1``).
+
+Where the SAME padding happens to be symmetric (every 3x3 stride-1 convolution) we use the
+convolution's own padding instead of a separate pad, which is the same arithmetic without an
+extra copy; only the stem (7x7/2 conv and 3x3/2 max pool) pads explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) for one spatial axis."""
+    if size % stride == 0:
+        total = max(0, kernel - stride)
+    else:
+        total = max(0, kernel - size % stride)
+    return total // 2, total - total // 2
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d that pads like TensorFlow "SAME" for whatever input size it gets."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        # Symmetric cases (odd kernel, stride 1) use the convolution's own zero padding.
+        self._native = sh == 1 and sw == 1 and kh % 2 == 1 and kw % 2 == 1
+        if self._native:
+            self.padding = (kh // 2, kw // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._native:
+            top, bottom = same_padding(x.shape[2], self.kernel_size[0], self.stride[0])
+            left, right = same_padding(x.shape[3], self.kernel_size[1], self.stride[1])
+            if top or bottom or left or right:
+                x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+class SamePadMaxPool2d(nn.MaxPool2d):
+    """Max pool with TF "SAME" zero padding (the original pads with zeros, not -inf; the
+    input is post-ReLU so both give the same maxima)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = same_padding(x.shape[2], self.kernel_size, self.stride)
+        left, right = same_padding(x.shape[3], self.kernel_size, self.stride)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+class SamePadAvgPool2d(nn.AvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = same_padding(x.shape[2], self.kernel_size, self.stride)
+        left, right = same_padding(x.shape[3], self.kernel_size, self.stride)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, in_features: int, growth_rate: int, bn_size: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = SamePadConv2d(in_features, bn_size * growth_rate, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = SamePadConv2d(bn_size * growth_rate, growth_rate, kernel_size=3, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.relu1(self.norm1(features)))
+        return self.conv2(self.relu2(self.norm2(h)))
+
+
+class DenseBlock(nn.ModuleDict):
+    """Dense block that writes each layer's output into one preallocated buffer, so the
+    growing concatenation is never copied (torchvision re-concatenates for every layer)."""
+
+    def __init__(self, num_layers: int, in_features: int, growth_rate: int, bn_size: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.growth_rate = growth_rate
+        for i in range(num_layers):
+            self.add_module(
+                f"denselayer{i + 1}", DenseLayer(in_features + i * growth_rate, growth_rate, bn_size)
+            )
+
+    @property
+    def out_features(self) -> int:
+        return self.in_features + len(self) * self.growth_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        memory_format = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        buffer = torch.empty(
+            (n, self.out_features, h, w), dtype=x.dtype, device=x.device
+        ).contiguous(memory_format=memory_format)
+        buffer[:, : self.in_features] = x
+        filled = self.in_features
+        for layer in self.values():
+            out = layer(buffer[:, :filled])
+            buffer[:, filled : filled + self.growth_rate] = out
+            filled += self.growth_rate
+        return buffer
+
+
+class Transition(nn.Sequential):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(in_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", SamePadConv2d(in_features, out_features, kernel_size=1, bias=False))
+        self.add_module("pool", SamePadAvgPool2d(kernel_size=2, stride=2))
+
+
+class DenseNet121(nn.Module):
+    """densenet121 (growth 32, blocks 6/12/24/16, 64 initial features, bn_size 4)."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3) -> None:
+        super().__init__()
+        growth, bn_size, features = 32, 4, 64
+        self.features = nn.Sequential()
+        self.features.add_module(
+            "conv0", SamePadConv2d(in_channels, features, kernel_size=7, stride=2, bias=False)
+        )
+        self.features.add_module("norm0", nn.BatchNorm2d(features))
+        self.features.add_module("relu0", nn.ReLU(inplace=True))
+        self.features.add_module("pool0", SamePadMaxPool2d(kernel_size=3, stride=2))
+        for i, num_layers in enumerate((6, 12, 24, 16)):
+            block = DenseBlock(num_layers, features, growth, bn_size)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            features = block.out_features
+            if i != 3:
+                self.features.add_module(f"transition{i + 1}", Transition(features, features // 2))
+                features //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(features))
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.features(x))
+        h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return self.classifier(h)
+
+
+def grey_input_densenet(model: DenseNet121) -> DenseNet121:
+    """Turn a 3-channel model into one that takes the grey patch once.
+
+    The original feeds each grey patch three times as RGB; convolving three equal channels
+    with w equals convolving one channel with w summed over channels, so we sum conv0 once
+    instead of copying every patch three times.
+    """
+    conv0 = model.features.conv0
+    if conv0.in_channels == 1:
+        return model
+    grey = SamePadConv2d(1, conv0.out_channels, kernel_size=conv0.kernel_size, stride=conv0.stride, bias=False)
+    with torch.no_grad():
+        grey.weight.copy_(conv0.weight.sum(dim=1, keepdim=True))
+    model.features.conv0 = grey.to(conv0.weight.device, conv0.weight.dtype)
+    return model
