@@ -90,12 +90,10 @@ def provenance(weights_dir: Path, name: str) -> ModelProvenance:
     path = model_file(weights_dir, name)
     digest = sha256_of(path)
     expected = manifest()[name].sha256
-    return ModelProvenance(
-        file=str(path),
-        sha256=digest,
-        verified=bool(expected) and digest == expected,
-        test_weights=is_test_dir(weights_dir),
-    )
+    verified = bool(expected) and digest == expected
+    # A file whose checksum is the official one is not a test weight, whatever directory holds it.
+    return ModelProvenance(file=str(path), sha256=digest, verified=verified,
+                           test_weights=is_test_dir(weights_dir) and not verified)
 
 
 _OLD_DENSENET = re.compile(

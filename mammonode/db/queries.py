@@ -1,0 +1,219 @@
+"""Read models for the CLI and the status endpoints, and the admin actions (retry, purge).
+
+The JSON shapes here are the documented, stable schema of ``--json`` output (README,
+"Admin CLI"). Patient identifiers appear only when ``show_phi`` is set.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mammonode.db.assembly import enqueue, is_ready, missing_views
+from mammonode.db.models import (
+    Delivery,
+    DeliveryState,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    StudyState,
+    Worker,
+    utcnow,
+)
+from mammonode.db.records import record_event, usable_counts
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _instances(session: Session, study_id: int) -> list[Instance]:
+    return list(session.execute(select(Instance).where(Instance.study_id == study_id)).scalars())
+
+
+def study_summary(session: Session, study: Study, quiet_period_s: float, show_phi: bool = False) -> dict:
+    instances = _instances(session, study.id)
+    state = study.state
+    if state == StudyState.RECEIVING and is_ready(study, instances, quiet_period_s):
+        state = StudyState.READY
+    out = {
+        "study_instance_uid": study.study_instance_uid,
+        "state": state,
+        "views": usable_counts(instances),
+        "missing_views": missing_views(instances),
+        "instances": len(instances),
+        "received_at": iso(study.received_at),
+        "updated_at": iso(study.updated_at),
+        "note": study.note,
+    }
+    if show_phi:
+        out["patient_id"] = study.patient_id
+        out["patient_name"] = study.patient_name
+        out["accession_number"] = study.accession_number
+        out["study_date"] = study.study_date
+    return out
+
+
+def list_studies(session: Session, quiet_period_s: float, state: str | None = None, limit: int = 50,
+                 show_phi: bool = False) -> list[dict]:
+    query = select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
+    if state is not None and state != StudyState.READY:
+        query = query.where(Study.state == state)
+    elif state == StudyState.READY:
+        query = query.where(Study.state == StudyState.RECEIVING)
+    rows = [study_summary(session, s, quiet_period_s, show_phi) for s in session.execute(query).scalars()]
+    if state == StudyState.READY:
+        rows = [r for r in rows if r["state"] == StudyState.READY]
+    return rows
+
+
+def find_study(session: Session, uid: str) -> Study | None:
+    return session.execute(select(Study).where(Study.study_instance_uid == uid)).scalar_one_or_none()
+
+
+def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi: bool = False) -> dict:
+    out = study_summary(session, study, quiet_period_s, show_phi)
+    out["instances"] = [
+        {
+            "sop_instance_uid": i.sop_instance_uid,
+            "sop_class_uid": i.sop_class_uid,
+            "modality": i.modality,
+            "view": i.view,
+            "usable": i.usable,
+            "reason": i.reason,
+            "faces_expected_way": i.faces_expected,
+            "transfer_syntax_uid": i.transfer_syntax_uid,
+            "path": i.path,
+            "size": i.size,
+            "received_at": iso(i.received_at),
+            "revisions": i.revisions,
+        }
+        for i in _instances(session, study.id)
+    ]
+    out["jobs"] = [
+        {
+            "id": j.id,
+            "state": j.state,
+            "attempts": j.attempts,
+            "worker_id": j.worker_id,
+            "created_at": iso(j.created_at),
+            "started_at": iso(j.started_at),
+            "finished_at": iso(j.finished_at),
+            "last_error": j.last_error,
+            "timings_s": j.timings,
+        }
+        for j in session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars()
+    ]
+    latest = session.execute(select(Job).where(Job.study_id == study.id, Job.state == JobState.DONE)
+                             .order_by(Job.finished_at.desc())).scalars().first()
+    if latest is not None and latest.result:
+        out["result"] = {k: latest.result.get(k) for k in ("cancer", "density", "models", "test_weights", "device")}
+    results = []
+    for r in session.execute(select(ResultObject).where(ResultObject.study_id == study.id)
+                             .order_by(ResultObject.id)).scalars():
+        deliveries = [
+            {"destination": d.destination, "state": d.state, "attempts": d.attempts,
+             "next_attempt_at": iso(d.next_attempt_at), "last_error": d.last_error, "last_status": d.last_status,
+             "delivered_at": iso(d.delivered_at)}
+            for d in session.execute(select(Delivery).where(Delivery.result_id == r.id)).scalars()
+        ]
+        results.append({"kind": r.kind, "sop_class_uid": r.sop_class_uid, "sop_instance_uid": r.sop_instance_uid,
+                        "path": r.path, "current": r.selection_key == study.selection_key,
+                        "deliveries": deliveries})
+    out["results"] = results
+    return out
+
+
+def status(session: Session, quiet_period_s: float, stale_after_s: float, errors: int = 5) -> dict:
+    studies = {state: 0 for state in StudyState.ALL}
+    for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
+        studies[state] = count
+    # "ready" is derived: receiving studies complete and quiet, waiting for the next tick.
+    for study in session.execute(select(Study).where(Study.state == StudyState.RECEIVING)).scalars():
+        if is_ready(study, _instances(session, study.id), quiet_period_s):
+            studies[StudyState.RECEIVING] -= 1
+            studies[StudyState.READY] += 1
+    jobs = {state: 0 for state in JobState.ALL}
+    for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+        jobs[state] = count
+    deliveries = {state: 0 for state in DeliveryState.ALL}
+    for state, count in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
+        deliveries[state] = count
+    now = utcnow()
+    workers = [
+        {"id": w.id, "hostname": w.hostname, "pid": w.pid, "device": w.device,
+         "last_heartbeat": iso(w.heartbeat_at), "alive": w.stopped_at is None
+         and (now - w.heartbeat_at).total_seconds() < stale_after_s}
+        for w in session.execute(select(Worker).order_by(Worker.heartbeat_at.desc())).scalars()
+    ]
+    oldest = session.execute(select(Study).where(Study.state.in_(
+        [StudyState.RECEIVING, StudyState.QUEUED, StudyState.RUNNING])).order_by(Study.received_at)).scalars().first()
+    recent = [
+        {"at": iso(e.at), "level": e.level, "kind": e.kind, "study_instance_uid": e.study_instance_uid,
+         "message": e.message}
+        for e in session.execute(select(Event).where(Event.level.in_(["WARNING", "ERROR"]))
+                                 .order_by(Event.at.desc(), Event.id.desc()).limit(errors)).scalars()
+    ]
+    return {
+        "studies": studies,
+        "jobs": jobs,
+        "deliveries": deliveries,
+        "workers": workers,
+        "oldest_waiting": None if oldest is None else {
+            "study_instance_uid": oldest.study_instance_uid, "state": oldest.state,
+            "received_at": iso(oldest.received_at)},
+        "errors": recent,
+    }
+
+
+def retry(session: Session, study: Study, force: bool = False) -> dict:
+    """Re-send failed deliveries; re-queue a failed study (or any study with ``force``)."""
+    resent = 0
+    for delivery in session.execute(
+        select(Delivery).join(ResultObject).where(ResultObject.study_id == study.id)
+    ).scalars():
+        if delivery.state == DeliveryState.FAILED or (force and delivery.state == DeliveryState.DELIVERED):
+            delivery.state = DeliveryState.PENDING
+            delivery.attempts = 0
+            delivery.next_attempt_at = utcnow()
+            resent += 1
+    requeued = False
+    lacking = missing_views(_instances(session, study.id))
+    if study.state == StudyState.FAILED or (force and study.state in (StudyState.DONE, StudyState.INCOMPLETE)):
+        if lacking:
+            raise ValueError(f"study lacks views {', '.join(lacking)}; nothing to run")
+        enqueue(session, study)
+        requeued = True
+    record_event(session, "INFO", "retry", f"retry: {resent} deliveries re-sent, job re-queued: {requeued}",
+                 study.study_instance_uid)
+    return {"study_instance_uid": study.study_instance_uid, "deliveries_reset": resent, "job_queued": requeued}
+
+
+def purge(session: Session, storage_dir: Path, older_than_days: float, dry_run: bool = False) -> dict:
+    """Remove files and rows of finished studies not touched for ``older_than_days``."""
+    limit = utcnow() - timedelta(days=older_than_days)
+    finished = [StudyState.DONE, StudyState.FAILED, StudyState.INCOMPLETE]
+    studies = list(session.execute(select(Study).where(Study.state.in_(finished), Study.updated_at < limit)).scalars())
+    pending = 0
+    removed = []
+    for study in studies:
+        waiting = session.execute(select(func.count()).select_from(Delivery).join(ResultObject).where(
+            ResultObject.study_id == study.id, Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
+        )).scalar_one()
+        if waiting:
+            pending += 1
+            continue
+        removed.append(study.study_instance_uid)
+        if not dry_run:
+            for sub in ("instances", "results"):
+                shutil.rmtree(storage_dir / sub / study.study_instance_uid, ignore_errors=True)
+            session.delete(study)
+    return {"removed": len(removed), "skipped_pending_deliveries": pending, "study_instance_uids": removed,
+            "dry_run": dry_run}
