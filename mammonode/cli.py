@@ -13,8 +13,11 @@ from rich.table import Table
 from mammonode import __version__
 from mammonode.config import Config, ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"mammonode {__version__}: AI node for "
-                  "screening mammography (NYU breast cancer and density models).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=f"mammonode {__version__}: AI node for screening mammography (NYU breast cancer and density models).",
+)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 weights_app = typer.Typer(no_args_is_help=True, help="Model weights: install, list, verify.")
 app.add_typer(db_app, name="db")
@@ -50,8 +53,10 @@ def _print_json(data) -> None:
 
 
 @app.command()
-def serve(config: Path | None = ConfigOption,
-          no_worker: bool = typer.Option(False, "--no-worker", help="receive only; run workers elsewhere")) -> None:
+def serve(
+    config: Path | None = ConfigOption,
+    no_worker: bool = typer.Option(False, "--no-worker", help="receive only; run workers elsewhere"),
+) -> None:
     """Run the node: DIMSE listener, study assembly, pipeline worker(s) and result delivery."""
     cfg = _config(config)
     _setup_logging(cfg)
@@ -61,9 +66,11 @@ def serve(config: Path | None = ConfigOption,
 
 
 @app.command()
-def worker(config: Path | None = ConfigOption,
-           concurrency: int = typer.Option(1, "--concurrency", "-n", min=1, help="pipeline workers in this process"),
-           device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:K")) -> None:
+def worker(
+    config: Path | None = ConfigOption,
+    concurrency: int = typer.Option(1, "--concurrency", "-n", min=1, help="pipeline workers in this process"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:K"),
+) -> None:
     """Run pipeline workers only, against the configured database."""
     import signal
     import threading
@@ -109,14 +116,20 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
     alive = [w for w in data["workers"] if w["alive"]]
     console.print(f"workers alive: {len(alive)} of {len(data['workers'])} known")
     for e in data["errors"]:
-        console.print(f"[yellow]{e['at']} {e['level']} {e['kind']}[/yellow] {e['study_instance_uid'] or ''} "
-                      f"{e['message']}", highlight=False)
+        console.print(
+            f"[yellow]{e['at']} {e['level']} {e['kind']}[/yellow] {e['study_instance_uid'] or ''} {e['message']}",
+            highlight=False,
+        )
 
 
 @app.command()
-def studies(config: Path | None = ConfigOption, state: str | None = typer.Option(None, "--state"),
-            limit: int = typer.Option(50, "--limit"), as_json: bool = typer.Option(False, "--json"),
-            show_phi: bool = typer.Option(False, "--show-phi", help="include patient ID and name")) -> None:
+def studies(
+    config: Path | None = ConfigOption,
+    state: str | None = typer.Option(None, "--state"),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+    show_phi: bool = typer.Option(False, "--show-phi", help="include patient ID and name"),
+) -> None:
     """Recent studies with their state and views."""
     cfg = _config(config)
     from mammonode.db.models import StudyState
@@ -134,14 +147,23 @@ def studies(config: Path | None = ConfigOption, state: str | None = typer.Option
     for col in ("study_instance_uid", "state", "views", "missing", "updated"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["study_instance_uid"], r["state"], " ".join(f"{k}:{v}" for k, v in r["views"].items()),
-                      ",".join(r["missing_views"]), r["updated_at"])
+        table.add_row(
+            r["study_instance_uid"],
+            r["state"],
+            " ".join(f"{k}:{v}" for k, v in r["views"].items()),
+            ",".join(r["missing_views"]),
+            r["updated_at"],
+        )
     console.print(table)
 
 
 @app.command()
-def study(uid: str, config: Path | None = ConfigOption, as_json: bool = typer.Option(False, "--json"),
-          show_phi: bool = typer.Option(False, "--show-phi")) -> None:
+def study(
+    uid: str,
+    config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json"),
+    show_phi: bool = typer.Option(False, "--show-phi"),
+) -> None:
     """One study: instances and view assignments, jobs, results and deliveries."""
     cfg = _config(config)
     from mammonode.db.queries import find_study, study_detail
@@ -155,8 +177,11 @@ def study(uid: str, config: Path | None = ConfigOption, as_json: bool = typer.Op
     if as_json:
         _print_json(data)
         return
-    console.print(f"[bold]{data['study_instance_uid']}[/bold]  state {data['state']}  missing "
-                  f"{', '.join(data['missing_views']) or 'none'}", highlight=False)
+    console.print(
+        f"[bold]{data['study_instance_uid']}[/bold]  state {data['state']}  missing "
+        f"{', '.join(data['missing_views']) or 'none'}",
+        highlight=False,
+    )
     table = Table(title="instances")
     for col in ("sop_instance_uid", "view", "usable", "reason"):
         table.add_column(col)
@@ -171,9 +196,12 @@ def study(uid: str, config: Path | None = ConfigOption, as_json: bool = typer.Op
 
 
 @app.command()
-def retry(uid: str, config: Path | None = ConfigOption,
-          force: bool = typer.Option(False, "--force", help="also re-run done studies and re-send delivered objects"),
-          as_json: bool = typer.Option(False, "--json")) -> None:
+def retry(
+    uid: str,
+    config: Path | None = ConfigOption,
+    force: bool = typer.Option(False, "--force", help="also re-run done studies and re-send delivered objects"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Re-send failed deliveries and re-queue a failed study."""
     cfg = _config(config)
     from mammonode.db.queries import find_study
@@ -196,9 +224,12 @@ def retry(uid: str, config: Path | None = ConfigOption,
 
 
 @app.command()
-def purge(older_than: float = typer.Option(..., "--older-than", help="days since last change"),
-          config: Path | None = ConfigOption, dry_run: bool = typer.Option(False, "--dry-run"),
-          as_json: bool = typer.Option(False, "--json")) -> None:
+def purge(
+    older_than: float = typer.Option(..., "--older-than", help="days since last change"),
+    config: Path | None = ConfigOption,
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Remove files and rows of finished studies older than the given number of days."""
     cfg = _config(config)
     from mammonode.db.queries import purge as purge_action
@@ -208,8 +239,9 @@ def purge(older_than: float = typer.Option(..., "--older-than", help="days since
     if as_json:
         _print_json(data)
     else:
-        console.print(f"removed {data['removed']} studies; {data['skipped_pending_deliveries']} kept "
-                      "(deliveries pending)")
+        console.print(
+            f"removed {data['removed']} studies; {data['skipped_pending_deliveries']} kept (deliveries pending)"
+        )
 
 
 @db_app.command("upgrade")
@@ -252,8 +284,14 @@ def predict(
         raise typer.Exit(2)
     chosen = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     options = PipelineOptions(
-        weights_dir=weights_dir or cfg.weights_dir, device=device, seed=seed, epochs=epochs,
-        augmentation=not no_augmentation, models=chosen, precision=precision, heatmap_batch=heatmap_batch,
+        weights_dir=weights_dir or cfg.weights_dir,
+        device=device,
+        seed=seed,
+        epochs=epochs,
+        augmentation=not no_augmentation,
+        models=chosen,
+        precision=precision,
+        heatmap_batch=heatmap_batch,
     )
     try:
         prepared, seconds = prepare_exam(files or [], png, png_mirrored)
@@ -307,16 +345,21 @@ def _print_human(data: dict) -> None:
     for model, preds in data["cancer"].items():
         console.print(f"  {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in preds.items()), highlight=False)
     for model, d in data["density"].items():
-        console.print(f"  density {model}: category {d['category']} " + str([round(p, 4) for p in d["probabilities"]]),
-                      highlight=False)
+        console.print(
+            f"  density {model}: category {d['category']} " + str([round(p, 4) for p in d["probabilities"]]),
+            highlight=False,
+        )
     for name, reason in data.get("skipped", {}).items():
         console.print(f"  [yellow]skipped {name}: {reason}[/yellow]", highlight=False)
     console.print("  timing: " + ", ".join(f"{k} {v:.1f}s" for k, v in data["timing_s"].items()), highlight=False)
 
 
 @weights_app.command("list")
-def weights_list(config: Path | None = ConfigOption, weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-                 as_json: bool = typer.Option(False, "--json")) -> None:
+def weights_list(
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Installed and missing weight files, with checksums."""
     from mammonode.weights_tool import listing
 
@@ -329,14 +372,23 @@ def weights_list(config: Path | None = ConfigOption, weights_dir: Path | None = 
     for col in ("model", "file", "installed", "sha256", "verified", "test"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["file"], str(r["installed"]), (r["sha256"] or "")[:16], str(r["verified"]),
-                      str(r["test_weights"]))
+        table.add_row(
+            r["model"],
+            r["file"],
+            str(r["installed"]),
+            (r["sha256"] or "")[:16],
+            str(r["verified"]),
+            str(r["test_weights"]),
+        )
     console.print(table)
 
 
 @weights_app.command("verify")
-def weights_verify(config: Path | None = ConfigOption, weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-                   as_json: bool = typer.Option(False, "--json")) -> None:
+def weights_verify(
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Load every installed file into its architecture and compare checksums with the manifest.
     Exit 1 when a file is corrupt, does not fit, or contradicts a known checksum."""
     from mammonode.weights_tool import verify
@@ -353,10 +405,12 @@ def weights_verify(config: Path | None = ConfigOption, weights_dir: Path | None 
 
 
 @weights_app.command("install")
-def weights_install(source: str = typer.Option(..., "--from", help="a directory or a base URL holding the files"),
-                    config: Path | None = ConfigOption, weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-                    test_weights: bool = typer.Option(False, "--test-weights",
-                                                      help="mark the installed directory as test weights")) -> None:
+def weights_install(
+    source: str = typer.Option(..., "--from", help="a directory or a base URL holding the files"),
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    test_weights: bool = typer.Option(False, "--test-weights", help="mark the installed directory as test weights"),
+) -> None:
     """Copy (or download) weight files under their manifest names into the weights directory."""
     from mammonode.weights_tool import install
 
@@ -371,9 +425,11 @@ def weights_install(source: str = typer.Option(..., "--from", help="a directory 
 
 
 @app.command()
-def demo(clean: bool = typer.Option(False, "--clean", help="remove the demo directory afterwards"),
-         full: bool = typer.Option(False, "--full", help="run every model, heatmaps included (minutes on a CPU)"),
-         workdir: Path | None = typer.Option(None, "--workdir")) -> None:
+def demo(
+    clean: bool = typer.Option(False, "--clean", help="remove the demo directory afterwards"),
+    full: bool = typer.Option(False, "--full", help="run every model, heatmaps included (minutes on a CPU)"),
+    workdir: Path | None = typer.Option(None, "--workdir"),
+) -> None:
     """Start a node in a temporary directory, send it a four-view study, print the results."""
     from mammonode.demo import run_demo
 

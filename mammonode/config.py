@@ -300,11 +300,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     for var, value in environ.items():
         if not var.startswith(prefix) or var == "MAMMONODE_CONFIG":
             continue
-        rest = var[len(prefix):].lower()
+        rest = var[len(prefix) :].lower()
         section_name = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
         if section_name is None:
             continue
-        key = rest[len(section_name) + 1:]
+        key = rest[len(section_name) + 1 :]
         section = getattr(cfg, section_name)
         if not hasattr(section, key):
             raise ConfigError(f"{var}: {section_name} has no setting {key!r}")

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pynetdicom import AE, evt
-from pynetdicom.presentation import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
 from mammonode.config import Config, Destination
 from mammonode.pipeline.weights import ALL_MODELS, model_file
@@ -50,8 +50,9 @@ class MiniPacs:
         return 0x0000
 
     def start(self):
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def stop(self):
         if self.server:
@@ -83,7 +84,6 @@ def _weights(work: Path, say) -> tuple[Path, bool]:
     installed = default_weights_dir()
     if installed.is_dir() and all(model_file(installed, m).exists() for m in ALL_MODELS):
         return installed, is_test_dir(installed)
-    say("no installed weights found: generating seeded test weights")
     return generate(work / "weights"), True
 
 
@@ -101,6 +101,8 @@ def run_demo(clean: bool = False, full: bool = False, workdir: Path | None = Non
         print(f"{prefix}{message}", flush=True)
 
     weights_dir, test_flag["on"] = _weights(work, say)
+    if test_flag["on"]:
+        say(f"weights: seeded test weights in {weights_dir}")
     say(f"demo directory: {work}")
     pacs = MiniPacs()
     pacs.start()
@@ -109,8 +111,9 @@ def run_demo(clean: bool = False, full: bool = False, workdir: Path | None = Non
     cfg.node.host, cfg.node.port = "127.0.0.1", free_port()
     cfg.study.quiet_period_s, cfg.study.incomplete_timeout_s = 2.0, 600.0
     cfg.pipeline.weights_dir = str(weights_dir)
-    cfg.pipeline.models = list(FAST_MODELS) if not full else ["image_only", "image_heatmaps", "density_histogram",
-                                                              "density_cnn"]
+    cfg.pipeline.models = (
+        list(FAST_MODELS) if not full else ["image_only", "image_heatmaps", "density_histogram", "density_cnn"]
+    )
     cfg.worker.poll_interval_s = cfg.delivery.poll_interval_s = 0.5
     cfg.destinations = [Destination(name="demo-pacs", ae_title="DEMOPACS", host="127.0.0.1", port=pacs.port)]
     logs.setup("WARNING")
@@ -138,8 +141,11 @@ def run_demo(clean: bool = False, full: bool = False, workdir: Path | None = Non
                 study = find_study(session, study_uid)
                 detail = study_detail(session, study, cfg.study.quiet_period_s) if study else None
             done = detail and detail["state"] in ("done", "failed")
-            delivered = detail and detail["results"] and all(
-                d["state"] in ("delivered", "failed") for r in detail["results"] for d in r["deliveries"])
+            delivered = (
+                detail
+                and detail["results"]
+                and all(d["state"] in ("delivered", "failed") for r in detail["results"] for d in r["deliveries"])
+            )
             if done and (detail["state"] == "failed" or delivered):
                 break
             time.sleep(1)
@@ -151,8 +157,10 @@ def run_demo(clean: bool = False, full: bool = False, workdir: Path | None = Non
         say(f"study {study_uid}: done in {elapsed:.0f} s")
         result = detail.get("result") or {}
         for model, preds in (result.get("cancer") or {}).items():
-            say(f"  {model}: P(malignant) right {preds['right_malignant']:.3f} left {preds['left_malignant']:.3f}; "
-                f"P(benign) right {preds['right_benign']:.3f} left {preds['left_benign']:.3f}")
+            say(
+                f"  {model}: P(malignant) right {preds['right_malignant']:.3f} left {preds['left_malignant']:.3f}; "
+                f"P(benign) right {preds['right_benign']:.3f} left {preds['left_benign']:.3f}"
+            )
         for model, dens in (result.get("density") or {}).items():
             probs = " ".join(f"{c}={p:.3f}" for c, p in zip("abcd", dens["probabilities"]))
             say(f"  density ({model}): BI-RADS {dens['category']}  [{probs}]")

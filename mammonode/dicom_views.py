@@ -91,7 +91,8 @@ def assign_view(ds: Dataset) -> ViewAssignment:
         return ViewAssignment(OTHER, False, reason, None)
     if code_view and position_view and code_view != position_view:
         return ViewAssignment(
-            OTHER, False, f"View Code Sequence says {code_view} but View Position says {position_view}", None)
+            OTHER, False, f"View Code Sequence says {code_view} but View Position says {position_view}", None
+        )
     angle = code_view or position_view
     if laterality is None:
         return ViewAssignment(OTHER, False, "no Image Laterality or Laterality", None)

@@ -44,8 +44,9 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str = "INFO", as_json: bool = False, file: str = "") -> None:
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     handler.addFilter(RedactPHI())
     root = logging.getLogger()
     for old in list(root.handlers):

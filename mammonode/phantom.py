@@ -41,8 +41,12 @@ def breast_image(view: str, shape: tuple[int, int] = (2600, 2000), seed: int = 0
     return image if view.startswith("L") else np.ascontiguousarray(image[:, ::-1])
 
 
-def exam_datasets(patient_name: str = "PHANTOM^DEMO", patient_id: str = "PHANTOM01",
-                  shape: tuple[int, int] = (2600, 2000), study_uid: str | None = None) -> list[Dataset]:
+def exam_datasets(
+    patient_name: str = "PHANTOM^DEMO",
+    patient_id: str = "PHANTOM01",
+    shape: tuple[int, int] = (2600, 2000),
+    study_uid: str | None = None,
+) -> list[Dataset]:
     study_uid = study_uid or generate_uid()
     today = dt.date.today().strftime("%Y%m%d")
     out = []

@@ -37,9 +37,18 @@ def listing(weights_dir: Path) -> list[dict]:
     for name in ALL_MODELS:
         entry = manifest()[name]
         path = model_file(weights_dir, name)
-        row = {"model": name, "file": entry.file, "path": str(path), "installed": path.exists(), "sha256": None,
-               "expected_sha256": entry.sha256 or None, "verified": False, "test_weights": test_dir,
-               "origin": entry.origin, "license": entry.license}
+        row = {
+            "model": name,
+            "file": entry.file,
+            "path": str(path),
+            "installed": path.exists(),
+            "sha256": None,
+            "expected_sha256": entry.sha256 or None,
+            "verified": False,
+            "test_weights": test_dir,
+            "origin": entry.origin,
+            "license": entry.license,
+        }
         if path.exists():
             prov = provenance(weights_dir, name)
             row.update(sha256=prov.sha256, verified=prov.verified, test_weights=prov.test_weights)
@@ -57,8 +66,13 @@ def verify(weights_dir: Path) -> list[dict]:
             rows.append({"model": name, "status": "missing", "detail": f"{item['file']} not in {weights_dir}"})
             continue
         if item["expected_sha256"] and item["sha256"] != item["expected_sha256"] and not item["test_weights"]:
-            rows.append({"model": name, "status": "bad",
-                         "detail": f"sha256 {item['sha256']} differs from the official {item['expected_sha256']}"})
+            rows.append(
+                {
+                    "model": name,
+                    "status": "bad",
+                    "detail": f"sha256 {item['sha256']} differs from the official {item['expected_sha256']}",
+                }
+            )
             continue
         try:
             load_model(name, weights_dir)
@@ -113,10 +127,19 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
                     continue
                 shutil.copyfile(found, temp)
             digest = sha256_of(temp)
-            if entry.sha256 and digest != entry.sha256 and not mark_test and not (
-                    source_dir is not None and (source_dir / TEST_MARKER).exists()):
-                rows.append({"model": name, "status": "bad",
-                             "detail": f"sha256 {digest} is not the official {entry.sha256}; not installed"})
+            if (
+                entry.sha256
+                and digest != entry.sha256
+                and not mark_test
+                and not (source_dir is not None and (source_dir / TEST_MARKER).exists())
+            ):
+                rows.append(
+                    {
+                        "model": name,
+                        "status": "bad",
+                        "detail": f"sha256 {digest} is not the official {entry.sha256}; not installed",
+                    }
+                )
                 continue
             try:
                 torch.load(temp, map_location="cpu", weights_only=True)
@@ -128,6 +151,7 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
         finally:
             temp.unlink(missing_ok=True)
     if mark_test or (source_dir is not None and (source_dir / TEST_MARKER).exists()):
-        (weights_dir / TEST_MARKER).write_text("Seeded random weights for testing only. Predictions made with them "
-                                               "mean nothing clinically.\n")
+        (weights_dir / TEST_MARKER).write_text(
+            "Seeded random weights for testing only. Predictions made with them mean nothing clinically.\n"
+        )
     return rows

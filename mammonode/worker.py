@@ -38,9 +38,15 @@ class JobSuperseded(Exception):
 def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
     p = cfg.pipeline
     return PipelineOptions(
-        weights_dir=cfg.weights_dir, device=device or p.device, seed=p.seed, epochs=p.epochs,
-        augmentation=p.augmentation, models=tuple(p.models), precision=p.precision,
-        heatmap_batch=p.heatmap_batch, threads=p.threads or None,
+        weights_dir=cfg.weights_dir,
+        device=device or p.device,
+        seed=p.seed,
+        epochs=p.epochs,
+        augmentation=p.augmentation,
+        models=tuple(p.models),
+        precision=p.precision,
+        heatmap_batch=p.heatmap_batch,
+        threads=p.threads or None,
     )
 
 
@@ -78,15 +84,17 @@ class PipelineWorker:
 
         log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
         inputs, study, chosen = self._inputs(claimed)
-        result = run_pipeline(inputs["prepared"], pipeline_options(self.cfg, self.device),
-                              {"prepare": inputs["prepare_s"]})
+        result = run_pipeline(
+            inputs["prepared"], pipeline_options(self.cfg, self.device), {"prepare": inputs["prepare_s"]}
+        )
         stored = store_results(self.cfg, self.db, claimed, study, chosen, result, inputs["prepared"])
         with self.db.session() as session:
             if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict()):
                 log.warning("job %s was taken from this worker; its result is discarded", claimed.job_id)
                 return
-        log.info("job %s done in %.1f s: %d result objects", claimed.job_id, result.timing_s.get("total", 0),
-                 len(stored))
+        log.info(
+            "job %s done in %.1f s: %d result objects", claimed.job_id, result.timing_s.get("total", 0), len(stored)
+        )
 
     # -- loop -----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -115,13 +123,20 @@ class PipelineWorker:
         except (ImageInputError, WeightsError) as exc:
             log.error("job %s failed: %s", claimed.job_id, exc)
             with self.db.session() as session:
-                jobs.fail(session, claimed.job_id, self.id, f"{type(exc).__name__}: {exc}",
-                          self.cfg.worker.max_attempts, permanent=True)
+                jobs.fail(
+                    session,
+                    claimed.job_id,
+                    self.id,
+                    f"{type(exc).__name__}: {exc}",
+                    self.cfg.worker.max_attempts,
+                    permanent=True,
+                )
         except Exception as exc:
             log.error("job %s failed: %s\n%s", claimed.job_id, exc, traceback.format_exc(limit=5))
             with self.db.session() as session:
-                jobs.fail(session, claimed.job_id, self.id, f"{type(exc).__name__}: {exc}",
-                          self.cfg.worker.max_attempts)
+                jobs.fail(
+                    session, claimed.job_id, self.id, f"{type(exc).__name__}: {exc}", self.cfg.worker.max_attempts
+                )
         finally:
             self.current_job = None
         return True

@@ -37,16 +37,22 @@ def enqueue(session: Session, study: Study, now: datetime | None = None) -> Job:
     for job in session.execute(select(Job).where(Job.study_id == study.id, Job.state == JobState.QUEUED)).scalars():
         job.state = JobState.SUPERSEDED
         job.finished_at = now
-    job = Job(study_id=study.id, selection_key=study.selection_key or "", study_version=study.version,
-              state=JobState.QUEUED, created_at=now)
+    job = Job(
+        study_id=study.id,
+        selection_key=study.selection_key or "",
+        study_version=study.version,
+        state=JobState.QUEUED,
+        created_at=now,
+    )
     session.add(job)
     study.state = StudyState.QUEUED
     study.updated_at = now
     return job
 
 
-def tick(session: Session, quiet_period_s: float, incomplete_timeout_s: float,
-         now: datetime | None = None) -> TickResult:
+def tick(
+    session: Session, quiet_period_s: float, incomplete_timeout_s: float, now: datetime | None = None
+) -> TickResult:
     now = now or utcnow()
     query = select(Study).where(Study.state == StudyState.RECEIVING)
     if session.get_bind().dialect.name == "postgresql":
@@ -60,17 +66,20 @@ def tick(session: Session, quiet_period_s: float, incomplete_timeout_s: float,
             if quiet_for >= quiet_period_s:
                 study.selection_key = selection_key(chosen)
                 enqueue(session, study, now)
-                record_event(session, "INFO", "study-queued", "all four views in; job queued",
-                             study.study_instance_uid)
+                record_event(session, "INFO", "study-queued", "all four views in; job queued", study.study_instance_uid)
                 queued.append(study.study_instance_uid)
         elif quiet_for >= incomplete_timeout_s:
             lacking = [view for view in VIEWS if view not in chosen]
             study.state = StudyState.INCOMPLETE
             study.updated_at = now
             study.note = "missing views: " + ", ".join(lacking)
-            record_event(session, "WARNING", "study-incomplete",
-                         f"no new instance for {int(quiet_for)} s; missing {', '.join(lacking)}",
-                         study.study_instance_uid)
+            record_event(
+                session,
+                "WARNING",
+                "study-incomplete",
+                f"no new instance for {int(quiet_for)} s; missing {', '.join(lacking)}",
+                study.study_instance_uid,
+            )
             incomplete.append(study.study_instance_uid)
     return TickResult(queued=queued, incomplete=incomplete)
 

@@ -35,8 +35,16 @@ def register_worker(session: Session, worker_id: str, device: str) -> None:
     now = utcnow()
     worker = session.get(Worker, worker_id)
     if worker is None:
-        session.add(Worker(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), device=device,
-                           started_at=now, heartbeat_at=now))
+        session.add(
+            Worker(
+                id=worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                device=device,
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
     else:
         worker.heartbeat_at = now
         worker.stopped_at = None
@@ -48,8 +56,11 @@ def heartbeat(session: Session, worker_id: str, job_id: int | None) -> None:
     now = utcnow()
     session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now))
     if job_id is not None:
-        session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id,
-                                          Job.state == JobState.RUNNING).values(heartbeat_at=now))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
+            .values(heartbeat_at=now)
+        )
 
 
 def worker_stopped(session: Session, worker_id: str) -> None:
@@ -79,16 +90,18 @@ def _retry_or_fail(session: Session, job: Job, study: Study, message: str, max_a
         job.state = JobState.QUEUED
         if study.selection_key == job.selection_key and study.state == StudyState.RUNNING:
             study.state = StudyState.QUEUED
-        record_event(session, "WARNING", "job-requeued", f"job {job.id}: {message}; re-queued",
-                     study.study_instance_uid)
+        record_event(
+            session, "WARNING", "job-requeued", f"job {job.id}: {message}; re-queued", study.study_instance_uid
+        )
     else:
         job.state = JobState.FAILED
         job.finished_at = now
         if study.selection_key == job.selection_key:
             study.state = StudyState.FAILED
             study.note = message[:500]
-        record_event(session, "ERROR", "job-failed", f"job {job.id}: {message}; no attempts left",
-                     study.study_instance_uid)
+        record_event(
+            session, "ERROR", "job-failed", f"job {job.id}: {message}; no attempts left", study.study_instance_uid
+        )
     study.updated_at = now
 
 
@@ -109,8 +122,14 @@ def claim(session: Session, worker_id: str) -> ClaimedJob | None:
     if study.selection_key == job.selection_key:
         study.state = StudyState.RUNNING
         study.updated_at = now
-    return ClaimedJob(job_id=job.id, study_id=study.id, study_instance_uid=study.study_instance_uid,
-                      selection_key=job.selection_key, study_version=job.study_version, attempt=job.attempts)
+    return ClaimedJob(
+        job_id=job.id,
+        study_id=study.id,
+        study_instance_uid=study.study_instance_uid,
+        selection_key=job.selection_key,
+        study_version=job.study_version,
+        attempt=job.attempts,
+    )
 
 
 def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
@@ -139,8 +158,9 @@ def finish(session: Session, job_id: int, worker_id: str, timings: dict, result:
         study.state = StudyState.DONE
         study.note = None
     study.updated_at = now
-    record_event(session, "INFO", "job-done", f"job {job.id} done", study.study_instance_uid,
-                 seconds=timings.get("total"))
+    record_event(
+        session, "INFO", "job-done", f"job {job.id} done", study.study_instance_uid, seconds=timings.get("total")
+    )
     return True
 
 

@@ -61,8 +61,9 @@ def study_summary(session: Session, study: Study, quiet_period_s: float, show_ph
     return out
 
 
-def list_studies(session: Session, quiet_period_s: float, state: str | None = None, limit: int = 50,
-                 show_phi: bool = False) -> list[dict]:
+def list_studies(
+    session: Session, quiet_period_s: float, state: str | None = None, limit: int = 50, show_phi: bool = False
+) -> list[dict]:
     query = select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
     if state is not None and state != StudyState.READY:
         query = query.where(Study.state == state)
@@ -111,22 +112,41 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
         }
         for j in session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars()
     ]
-    latest = session.execute(select(Job).where(Job.study_id == study.id, Job.state == JobState.DONE)
-                             .order_by(Job.finished_at.desc())).scalars().first()
+    latest = (
+        session.execute(
+            select(Job).where(Job.study_id == study.id, Job.state == JobState.DONE).order_by(Job.finished_at.desc())
+        )
+        .scalars()
+        .first()
+    )
     if latest is not None and latest.result:
         out["result"] = {k: latest.result.get(k) for k in ("cancer", "density", "models", "test_weights", "device")}
     results = []
-    for r in session.execute(select(ResultObject).where(ResultObject.study_id == study.id)
-                             .order_by(ResultObject.id)).scalars():
+    for r in session.execute(
+        select(ResultObject).where(ResultObject.study_id == study.id).order_by(ResultObject.id)
+    ).scalars():
         deliveries = [
-            {"destination": d.destination, "state": d.state, "attempts": d.attempts,
-             "next_attempt_at": iso(d.next_attempt_at), "last_error": d.last_error, "last_status": d.last_status,
-             "delivered_at": iso(d.delivered_at)}
+            {
+                "destination": d.destination,
+                "state": d.state,
+                "attempts": d.attempts,
+                "next_attempt_at": iso(d.next_attempt_at),
+                "last_error": d.last_error,
+                "last_status": d.last_status,
+                "delivered_at": iso(d.delivered_at),
+            }
             for d in session.execute(select(Delivery).where(Delivery.result_id == r.id)).scalars()
         ]
-        results.append({"kind": r.kind, "sop_class_uid": r.sop_class_uid, "sop_instance_uid": r.sop_instance_uid,
-                        "path": r.path, "current": r.selection_key == study.selection_key,
-                        "deliveries": deliveries})
+        results.append(
+            {
+                "kind": r.kind,
+                "sop_class_uid": r.sop_class_uid,
+                "sop_instance_uid": r.sop_instance_uid,
+                "path": r.path,
+                "current": r.selection_key == study.selection_key,
+                "deliveries": deliveries,
+            }
+        )
     out["results"] = results
     return out
 
@@ -148,27 +168,52 @@ def status(session: Session, quiet_period_s: float, stale_after_s: float, errors
         deliveries[state] = count
     now = utcnow()
     workers = [
-        {"id": w.id, "hostname": w.hostname, "pid": w.pid, "device": w.device,
-         "last_heartbeat": iso(w.heartbeat_at), "alive": w.stopped_at is None
-         and (now - w.heartbeat_at).total_seconds() < stale_after_s}
+        {
+            "id": w.id,
+            "hostname": w.hostname,
+            "pid": w.pid,
+            "device": w.device,
+            "last_heartbeat": iso(w.heartbeat_at),
+            "alive": w.stopped_at is None and (now - w.heartbeat_at).total_seconds() < stale_after_s,
+        }
         for w in session.execute(select(Worker).order_by(Worker.heartbeat_at.desc())).scalars()
     ]
-    oldest = session.execute(select(Study).where(Study.state.in_(
-        [StudyState.RECEIVING, StudyState.QUEUED, StudyState.RUNNING])).order_by(Study.received_at)).scalars().first()
+    oldest = (
+        session.execute(
+            select(Study)
+            .where(Study.state.in_([StudyState.RECEIVING, StudyState.QUEUED, StudyState.RUNNING]))
+            .order_by(Study.received_at)
+        )
+        .scalars()
+        .first()
+    )
     recent = [
-        {"at": iso(e.at), "level": e.level, "kind": e.kind, "study_instance_uid": e.study_instance_uid,
-         "message": e.message}
-        for e in session.execute(select(Event).where(Event.level.in_(["WARNING", "ERROR"]))
-                                 .order_by(Event.at.desc(), Event.id.desc()).limit(errors)).scalars()
+        {
+            "at": iso(e.at),
+            "level": e.level,
+            "kind": e.kind,
+            "study_instance_uid": e.study_instance_uid,
+            "message": e.message,
+        }
+        for e in session.execute(
+            select(Event)
+            .where(Event.level.in_(["WARNING", "ERROR"]))
+            .order_by(Event.at.desc(), Event.id.desc())
+            .limit(errors)
+        ).scalars()
     ]
     return {
         "studies": studies,
         "jobs": jobs,
         "deliveries": deliveries,
         "workers": workers,
-        "oldest_waiting": None if oldest is None else {
-            "study_instance_uid": oldest.study_instance_uid, "state": oldest.state,
-            "received_at": iso(oldest.received_at)},
+        "oldest_waiting": None
+        if oldest is None
+        else {
+            "study_instance_uid": oldest.study_instance_uid,
+            "state": oldest.state,
+            "received_at": iso(oldest.received_at),
+        },
         "errors": recent,
     }
 
@@ -191,8 +236,13 @@ def retry(session: Session, study: Study, force: bool = False) -> dict:
             raise ValueError(f"study lacks views {', '.join(lacking)}; nothing to run")
         enqueue(session, study)
         requeued = True
-    record_event(session, "INFO", "retry", f"retry: {resent} deliveries re-sent, job re-queued: {requeued}",
-                 study.study_instance_uid)
+    record_event(
+        session,
+        "INFO",
+        "retry",
+        f"retry: {resent} deliveries re-sent, job re-queued: {requeued}",
+        study.study_instance_uid,
+    )
     return {"study_instance_uid": study.study_instance_uid, "deliveries_reset": resent, "job_queued": requeued}
 
 
@@ -204,9 +254,14 @@ def purge(session: Session, storage_dir: Path, older_than_days: float, dry_run: 
     pending = 0
     removed = []
     for study in studies:
-        waiting = session.execute(select(func.count()).select_from(Delivery).join(ResultObject).where(
-            ResultObject.study_id == study.id, Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
-        )).scalar_one()
+        waiting = session.execute(
+            select(func.count())
+            .select_from(Delivery)
+            .join(ResultObject)
+            .where(
+                ResultObject.study_id == study.id, Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
+            )
+        ).scalar_one()
         if waiting:
             pending += 1
             continue
@@ -215,5 +270,9 @@ def purge(session: Session, storage_dir: Path, older_than_days: float, dry_run: 
             for sub in ("instances", "results"):
                 shutil.rmtree(storage_dir / sub / study.study_instance_uid, ignore_errors=True)
             session.delete(study)
-    return {"removed": len(removed), "skipped_pending_deliveries": pending, "study_instance_uids": removed,
-            "dry_run": dry_run}
+    return {
+        "removed": len(removed),
+        "skipped_pending_deliveries": pending,
+        "study_instance_uids": removed,
+        "dry_run": dry_run,
+    }

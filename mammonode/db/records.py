@@ -47,10 +47,16 @@ class InstanceMeta:
 def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
     """The study row, created if needed; safe when two listeners create it at once."""
     values = dict(
-        study_instance_uid=meta.study_instance_uid, state=StudyState.RECEIVING, version=0,
-        received_at=now, last_instance_at=now, updated_at=now,
-        patient_id=meta.patient_id, patient_name=meta.patient_name,
-        accession_number=meta.accession_number, study_date=meta.study_date,
+        study_instance_uid=meta.study_instance_uid,
+        state=StudyState.RECEIVING,
+        version=0,
+        received_at=now,
+        last_instance_at=now,
+        updated_at=now,
+        patient_id=meta.patient_id,
+        patient_name=meta.patient_name,
+        accession_number=meta.accession_number,
+        study_date=meta.study_date,
     )
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -89,8 +95,9 @@ def usable_counts(instances: list[Instance]) -> dict[str, int]:
     return counts
 
 
-def record_event(session: Session, level: str, kind: str, message: str, study_uid: str | None = None,
-                 seconds: float | None = None) -> None:
+def record_event(
+    session: Session, level: str, kind: str, message: str, study_uid: str | None = None, seconds: float | None = None
+) -> None:
     session.add(Event(level=level, kind=kind, message=message, study_instance_uid=study_uid, seconds=seconds))
 
 
@@ -108,9 +115,24 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
     replaced_path = None
     if existing is not None and existing.sha256 == meta.sha256:
         return RecordOutcome.DUPLICATE, None
-    fields = {k: getattr(meta, k) for k in (
-        "sop_class_uid", "series_instance_uid", "modality", "transfer_syntax_uid", "path", "size", "sha256",
-        "view", "usable", "reason", "faces_expected", "acquired", "calling_ae_title")}
+    fields = {
+        k: getattr(meta, k)
+        for k in (
+            "sop_class_uid",
+            "series_instance_uid",
+            "modality",
+            "transfer_syntax_uid",
+            "path",
+            "size",
+            "sha256",
+            "view",
+            "usable",
+            "reason",
+            "faces_expected",
+            "acquired",
+            "calling_ae_title",
+        )
+    }
     if existing is None:
         session.add(Instance(study_id=study.id, sop_instance_uid=meta.sop_instance_uid, received_at=now, **fields))
         outcome = RecordOutcome.NEW
@@ -123,8 +145,13 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
         existing.received_at = now
         existing.revisions += 1
         outcome = RecordOutcome.REPLACED
-        record_event(session, "WARNING", "instance-replaced",
-                     f"instance {meta.sop_instance_uid} replaced by a different object", meta.study_instance_uid)
+        record_event(
+            session,
+            "WARNING",
+            "instance-replaced",
+            f"instance {meta.sop_instance_uid} replaced by a different object",
+            meta.study_instance_uid,
+        )
     session.flush()
     study.last_instance_at = now
     study.updated_at = now
@@ -142,9 +169,7 @@ def refresh_selection(session: Session, study: Study) -> bool:
     study.selection_key = key
     study.version += 1
     if study.state != StudyState.RECEIVING:
-        for job in session.execute(
-            select(Job).where(Job.study_id == study.id, Job.state == JobState.QUEUED)
-        ).scalars():
+        for job in session.execute(select(Job).where(Job.study_id == study.id, Job.state == JobState.QUEUED)).scalars():
             job.state = JobState.SUPERSEDED
             job.finished_at = utcnow()
         study.state = StudyState.RECEIVING

@@ -75,8 +75,10 @@ def density_lines(result: PipelineResult) -> list[str]:
     call = density_call(result)
     if call is None:
         return ["Density: no density model ran"]
-    lines = [f"BI-RADS density: {call.category} ({CATEGORY_TEXT[call.category]})",
-             f"  from the {SHORT_TITLES[call.model]} model"]
+    lines = [
+        f"BI-RADS density: {call.category} ({CATEGORY_TEXT[call.category]})",
+        f"  from the {SHORT_TITLES[call.model]} model",
+    ]
     for name, data in result.density.items():
         probs = " ".join(f"{c}={p:.2f}" for c, p in zip("abcd", data["probabilities"]))
         lines.append(f"  {SHORT_TITLES['density_' + name]}: {probs}")

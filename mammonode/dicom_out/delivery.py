@@ -47,12 +47,20 @@ def backoff_seconds(attempts: int, initial: float, maximum: float, rng: random.R
 def claim_due(session: Session, claimer: str, limit: int = 64, now: datetime | None = None) -> list[int]:
     now = now or utcnow()
     # Rows claimed by a sender that died go back to pending.
-    session.execute(update(Delivery).where(
-        Delivery.state == DeliveryState.SENDING,
-        Delivery.claimed_at < now - timedelta(seconds=CLAIM_TIMEOUT_S),
-    ).values(state=DeliveryState.PENDING, claimed_by=None))
-    query = (select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-             .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
+    session.execute(
+        update(Delivery)
+        .where(
+            Delivery.state == DeliveryState.SENDING,
+            Delivery.claimed_at < now - timedelta(seconds=CLAIM_TIMEOUT_S),
+        )
+        .values(state=DeliveryState.PENDING, claimed_by=None)
+    )
+    query = (
+        select(Delivery)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+        .order_by(Delivery.next_attempt_at, Delivery.id)
+        .limit(limit)
+    )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = list(session.execute(query).scalars())
@@ -82,7 +90,7 @@ def send_batch(cfg: Config, dest: Destination, items: list[tuple[int, Path, str]
     outcome: dict[int, tuple[int | None, str]] = {}
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_client_ssl(dest))
-    except (OSError, socket.error) as exc:
+    except OSError as exc:
         return {i: (None, f"connect failed: {exc}") for i, _, _ in items}
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed (no answer or aborted)"
@@ -125,14 +133,24 @@ class DeliverySender:
         destinations = {d.name: d for d in self.cfg.destinations}
         with self.db.session() as session:
             claimed = claim_due(session, self.name)
-            rows = list(session.execute(
-                select(Delivery, ResultObject, Study).join(ResultObject, Delivery.result_id == ResultObject.id)
-                .join(Study, ResultObject.study_id == Study.id).where(Delivery.id.in_(claimed))).all()) if claimed else []
+            rows = (
+                list(
+                    session.execute(
+                        select(Delivery, ResultObject, Study)
+                        .join(ResultObject, Delivery.result_id == ResultObject.id)
+                        .join(Study, ResultObject.study_id == Study.id)
+                        .where(Delivery.id.in_(claimed))
+                    ).all()
+                )
+                if claimed
+                else []
+            )
             batches: dict[str, list] = {}
             study_of = {}
             for delivery, result, study in rows:
                 batches.setdefault(delivery.destination, []).append(
-                    (delivery.id, self.cfg.storage_dir / result.path, result.sop_class_uid))
+                    (delivery.id, self.cfg.storage_dir / result.path, result.sop_class_uid)
+                )
                 study_of[delivery.id] = study.study_instance_uid
         for name, items in batches.items():
             dest = destinations.get(name)
@@ -160,14 +178,25 @@ class DeliverySender:
                 row.last_error = message[:1000]
                 if row.attempts >= d.max_attempts:
                     row.state = DeliveryState.FAILED
-                    record_event(session, "ERROR", "delivery-failed",
-                                 f"to {destination}: {message} after {row.attempts} attempts", study_of.get(delivery_id))
+                    record_event(
+                        session,
+                        "ERROR",
+                        "delivery-failed",
+                        f"to {destination}: {message} after {row.attempts} attempts",
+                        study_of.get(delivery_id),
+                    )
                 else:
                     row.state = DeliveryState.PENDING
                     row.next_attempt_at = now + timedelta(
-                        seconds=backoff_seconds(row.attempts, d.backoff_initial_s, d.backoff_max_s))
-                    record_event(session, "WARNING", "delivery-retry", f"to {destination}: {message}; will retry",
-                                 study_of.get(delivery_id))
+                        seconds=backoff_seconds(row.attempts, d.backoff_initial_s, d.backoff_max_s)
+                    )
+                    record_event(
+                        session,
+                        "WARNING",
+                        "delivery-retry",
+                        f"to {destination}: {message}; will retry",
+                        study_of.get(delivery_id),
+                    )
         delivered = sum(1 for s, _ in outcome.values() if s in DELIVERED_STATUSES)
         log.info("delivery to %s: %d of %d objects delivered", destination, delivered, len(outcome))
 

@@ -61,8 +61,9 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray | None) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, width: int, height: int,
-                size: int, title: str) -> None:
+def _colour_bar(
+    draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, width: int, height: int, size: int, title: str
+) -> None:
     values = np.linspace(1.0, 0.0, height)[:, None].repeat(width, axis=1)
     bar = Image.fromarray(colormap(values))
     canvas.paste(bar, (x, y))
@@ -83,8 +84,9 @@ class OverlayLabels:
     heatmap_kind: str = "malignant"
 
 
-def annotated_overlay(grey: np.ndarray, heatmap: np.ndarray | None, faces_right: bool,
-                      labels: OverlayLabels) -> np.ndarray:
+def annotated_overlay(
+    grey: np.ndarray, heatmap: np.ndarray | None, faces_right: bool, labels: OverlayLabels
+) -> np.ndarray:
     """Full-resolution overlay with colour bar and burned-in labels on the background side."""
     rgb = overlay(grey, heatmap)
     height, width = grey.shape
@@ -93,8 +95,12 @@ def annotated_overlay(grey: np.ndarray, heatmap: np.ndarray | None, faces_right:
     size = max(14, height // 55)
     margin = size
     lines = [
-        (f"{labels.view}  {labels.heatmap_kind} heatmap" if heatmap is not None
-         else f"{labels.view}  (no heatmap: patch model did not run)", _WHITE),
+        (
+            f"{labels.view}  {labels.heatmap_kind} heatmap"
+            if heatmap is not None
+            else f"{labels.view}  (no heatmap: patch model did not run)",
+            _WHITE,
+        ),
         (labels.model, _WHITE),
         (NOT_FOR_DIAGNOSIS, _AMBER),
     ]
@@ -110,8 +116,15 @@ def annotated_overlay(grey: np.ndarray, heatmap: np.ndarray | None, faces_right:
     panel = Image.new("RGBA", (box_w, line_h * len(lines) + size // 2), (0, 0, 0, 200))
     canvas.paste(panel, (box_x0, margin // 2), panel)
     for i, (text, colour) in enumerate(lines):
-        draw.text((anchor_x, margin + i * line_h), text, fill=colour, font=f, anchor=text_anchor,
-                  stroke_width=max(1, size // 16), stroke_fill=(0, 0, 0))
+        draw.text(
+            (anchor_x, margin + i * line_h),
+            text,
+            fill=colour,
+            font=f,
+            anchor=text_anchor,
+            stroke_width=max(1, size // 16),
+            stroke_fill=(0, 0, 0),
+        )
     if heatmap is not None:
         bar_w = max(12, width // 40)
         bar_h = height // 3
@@ -131,8 +144,9 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
 HANGING = (("R-CC", 0, 0), ("L-CC", 0, 1), ("R-MLO", 1, 0), ("L-MLO", 1, 1))
 
 
-def summary_image(panels: Mapping[str, np.ndarray], table: list[tuple[str, str, str]], density_lines: list[str],
-                  notices: list[str]) -> np.ndarray:
+def summary_image(
+    panels: Mapping[str, np.ndarray], table: list[tuple[str, str, str]], density_lines: list[str], notices: list[str]
+) -> np.ndarray:
     """1920x1080 RGB: the four overlays in hanging order and a score table beside them.
 
     ``panels``: view -> RGB overlay as stored (R facing left, L facing right);

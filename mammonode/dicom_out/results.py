@@ -33,7 +33,9 @@ class BuiltObject:
     dataset: Dataset
 
 
-def sources_from_prepared(prepared: Mapping[str, PreparedView], headers: Mapping[str, Dataset]) -> dict[str, SourceImage]:
+def sources_from_prepared(
+    prepared: Mapping[str, PreparedView], headers: Mapping[str, Dataset]
+) -> dict[str, SourceImage]:
     out = {}
     for view in VIEWS:
         p = prepared[view]
@@ -42,8 +44,13 @@ def sources_from_prepared(prepared: Mapping[str, PreparedView], headers: Mapping
     return out
 
 
-def build_objects(result: PipelineResult, sources: Mapping[str, SourceImage], study_uid: str,
-                  selection_key: str, benign_overlays: bool = False) -> list[BuiltObject]:
+def build_objects(
+    result: PipelineResult,
+    sources: Mapping[str, SourceImage],
+    study_uid: str,
+    selection_key: str,
+    benign_overlays: bool = False,
+) -> list[BuiltObject]:
     """SCs (one malignant-heatmap overlay per view, optionally benign), the summary, then the
     SR that references them all. UIDs are stable for (study, inputs, kind)."""
     objects: list[BuiltObject] = []
@@ -61,12 +68,22 @@ def build_objects(result: PipelineResult, sources: Mapping[str, SourceImage], st
                 panels[view] = pixels
     notices = [NOT_FOR_DIAGNOSIS] + ([TEST_NOTICE_BURNED] if result.test_weights else [])
     pixels = summary_image(panels, score_table(result), density_lines(result), notices)
-    summary = summary_sc(pixels, headers[0], headers, stable_uid(study_uid, selection_key, "series-summary"),
-                         stable_uid(study_uid, selection_key, "summary"))
+    summary = summary_sc(
+        pixels,
+        headers[0],
+        headers,
+        stable_uid(study_uid, selection_key, "series-summary"),
+        stable_uid(study_uid, selection_key, "summary"),
+    )
     objects.append(BuiltObject(kind="summary", dataset=summary))
     produced = [o.dataset for o in objects]
-    sr = build_sr(result, headers, produced, stable_uid(study_uid, selection_key, "series-sr"),
-                  stable_uid(study_uid, selection_key, "sr"))
+    sr = build_sr(
+        result,
+        headers,
+        produced,
+        stable_uid(study_uid, selection_key, "series-sr"),
+        stable_uid(study_uid, selection_key, "sr"),
+    )
     objects.append(BuiltObject(kind="sr", dataset=sr))
     return objects
 
@@ -89,8 +106,15 @@ def result_path(storage_dir: Path, study_uid: str, kind: str, sop_uid: str) -> P
     return storage_dir / "results" / study_uid / f"{kind}.{sop_uid}.dcm"
 
 
-def store_results(cfg: Config, db: Database, claimed, study: Study, chosen: Mapping[str, Instance],
-                  result: PipelineResult, prepared: Mapping[str, PreparedView] | None = None) -> list[ResultObject]:
+def store_results(
+    cfg: Config,
+    db: Database,
+    claimed,
+    study: Study,
+    chosen: Mapping[str, Instance],
+    result: PipelineResult,
+    prepared: Mapping[str, PreparedView] | None = None,
+) -> list[ResultObject]:
     """Build, write and register the result objects of one job, with one delivery row per
     destination. Re-running the same inputs finds the same UIDs and adds nothing twice."""
     headers = {}
@@ -112,13 +136,20 @@ def store_results(cfg: Config, db: Database, claimed, study: Study, chosen: Mapp
             path = result_path(cfg.storage_dir, study.study_instance_uid, obj.kind, uid)
             row = session.execute(select(ResultObject).where(ResultObject.sop_instance_uid == uid)).scalar_one_or_none()
             if row is None:
-                row = ResultObject(study_id=study.id, job_id=claimed.job_id, selection_key=claimed.selection_key,
-                                   kind=obj.kind, sop_class_uid=str(obj.dataset.SOPClassUID), sop_instance_uid=uid,
-                                   path=str(path.relative_to(cfg.storage_dir)))
+                row = ResultObject(
+                    study_id=study.id,
+                    job_id=claimed.job_id,
+                    selection_key=claimed.selection_key,
+                    kind=obj.kind,
+                    sop_class_uid=str(obj.dataset.SOPClassUID),
+                    sop_instance_uid=uid,
+                    path=str(path.relative_to(cfg.storage_dir)),
+                )
                 session.add(row)
                 session.flush()
-            existing = {d.destination for d in session.execute(
-                select(Delivery).where(Delivery.result_id == row.id)).scalars()}
+            existing = {
+                d.destination for d in session.execute(select(Delivery).where(Delivery.result_id == row.id)).scalars()
+            }
             for dest in cfg.destinations:
                 if dest.name not in existing:
                     session.add(Delivery(result_id=row.id, destination=dest.name, state=DeliveryState.PENDING))

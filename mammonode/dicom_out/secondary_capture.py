@@ -47,10 +47,12 @@ def heatmap_as_stored(result: PipelineResult, source: SourceImage, kind: str) ->
 
 
 def overlay_pixels(result: PipelineResult, source: SourceImage, kind: str = "malignant") -> np.ndarray:
-    labels = OverlayLabels(view=source.view, model=MODEL_TITLES["patch"], test_weights=result.test_weights,
-                           heatmap_kind=kind)
-    return annotated_overlay(grey8(source.grey), heatmap_as_stored(result, source, kind),
-                             faces_right_as_stored(source), labels)
+    labels = OverlayLabels(
+        view=source.view, model=MODEL_TITLES["patch"], test_weights=result.test_weights, heatmap_kind=kind
+    )
+    return annotated_overlay(
+        grey8(source.grey), heatmap_as_stored(result, source, kind), faces_right_as_stored(source), labels
+    )
 
 
 def _orientation(ds: Dataset) -> list[str] | None:
@@ -74,8 +76,9 @@ def _finish(sc: Dataset, description: str, derived_from: list[Dataset]) -> Datas
     return sc
 
 
-def heatmap_sc(source: SourceImage, pixels: np.ndarray, kind: str, series_uid: str, sop_uid: str,
-               instance_number: int) -> Dataset:
+def heatmap_sc(
+    source: SourceImage, pixels: np.ndarray, kind: str, series_uid: str, sop_uid: str, instance_number: int
+) -> Dataset:
     spacing = source.dataset.get("PixelSpacing") or source.dataset.get("ImagerPixelSpacing")
     orientation = _orientation(source.dataset)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -100,7 +103,9 @@ def heatmap_sc(source: SourceImage, pixels: np.ndarray, kind: str, series_uid: s
     return _finish(sc, f"AI {kind} heatmap (mammonode)", [source.dataset])
 
 
-def summary_sc(pixels: np.ndarray, reference: Dataset, sources: list[Dataset], series_uid: str, sop_uid: str) -> Dataset:
+def summary_sc(
+    pixels: np.ndarray, reference: Dataset, sources: list[Dataset], series_uid: str, sop_uid: str
+) -> Dataset:
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=pixels,

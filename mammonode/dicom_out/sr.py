@@ -35,8 +35,9 @@ PROBABILITY = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
 P_CANCER = codes.DCM.ProbabilityOfCancer  # (111047, DCM, "Probability of cancer")
 P_BENIGN = hd.sr.CodedConcept("MN-001", LOCAL, "Probability of benign finding")
 MALIGNANCY_SCORE = hd.sr.CodedConcept("MN-002", LOCAL, "Malignancy score")
-P_CATEGORY = {c: hd.sr.CodedConcept(f"MN-01{i}", LOCAL, f"Probability of breast composition {c}")
-              for i, c in enumerate("abcd")}
+P_CATEGORY = {
+    c: hd.sr.CodedConcept(f"MN-01{i}", LOCAL, f"Probability of breast composition {c}") for i, c in enumerate("abcd")
+}
 BREAST_COMPOSITION = codes.SCT.BreastComposition  # (129715009, SCT, "Breast composition")
 # BI-RADS composition categories, CID 6000 "Overall Breast Composition" (DICOM PS3.16):
 # a 129716005 almost entirely fat, b 129717001 scattered fibroglandular densities,
@@ -67,8 +68,9 @@ def _algorithm(result: PipelineResult, model: str) -> hd.sr.AlgorithmIdentificat
         f"device={result.device}",
         f"processing_time_s={result.timing_s.get('total', 0.0):.1f}",
     ]
-    return hd.sr.AlgorithmIdentification(name=f"mammonode {MODEL_TITLES[model]}"[:64], version=__version__,
-                                         parameters=parameters)
+    return hd.sr.AlgorithmIdentification(
+        name=f"mammonode {MODEL_TITLES[model]}"[:64], version=__version__, parameters=parameters
+    )
 
 
 def _source_images(sources: list[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
@@ -79,45 +81,62 @@ def _measurement(name, value: float, algorithm) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=PROBABILITY, algorithm_id=algorithm)
 
 
-def build_sr(result: PipelineResult, sources: list[Dataset], produced: list[Dataset], series_uid: str,
-             sop_uid: str) -> Dataset:
+def build_sr(
+    result: PipelineResult, sources: list[Dataset], produced: list[Dataset], series_uid: str, sop_uid: str
+) -> Dataset:
     """``sources``: the four mammograms (headers); ``produced``: the secondary captures."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_UID, name="mammonode", manufacturer_name=MANUFACTURER, model_name="mammonode",
+            uid=DEVICE_UID,
+            name="mammonode",
+            manufacturer_name=MANUFACTURER,
+            model_name="mammonode",
         ),
     )
     groups = []
-    by_side = {"left": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "L"],
-               "right": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "R"]}
+    by_side = {
+        "left": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "L"],
+        "right": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "R"],
+    }
     for model in ("image_only", "image_heatmaps"):
         if model not in result.cancer:
             continue
         preds = result.cancer[model]
         algorithm = _algorithm(result, model)
         for side in ("right", "left"):
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"{side} breast, {SHORT_TITLES[model]} model"),
-                algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
-                measurements=[
-                    _measurement(P_CANCER, preds[f"{side}_malignant"], algorithm),
-                    _measurement(P_BENIGN, preds[f"{side}_benign"], algorithm),
-                ],
-                source_images=_source_images(by_side[side]) or None,
-            ))
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=hd.UID(), identifier=f"{side} breast, {SHORT_TITLES[model]} model"
+                    ),
+                    algorithm_id=algorithm,
+                    finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
+                    measurements=[
+                        _measurement(P_CANCER, preds[f"{side}_malignant"], algorithm),
+                        _measurement(P_BENIGN, preds[f"{side}_benign"], algorithm),
+                    ],
+                    source_images=_source_images(by_side[side]) or None,
+                )
+            )
     if result.cancer:
         for side in ("right", "left"):
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{side} breast, malignancy score"),
-                finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
-                measurements=[hd.sr.Measurement(
-                    name=MALIGNANCY_SCORE, value=float(malignancy_score(result, side)), unit=PROBABILITY,
-                    derivation=codes.SCT.Mean,  # CID 7464 derivation
-                )],
-            ))
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=hd.UID(), identifier=f"{side} breast, malignancy score"
+                    ),
+                    finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
+                    measurements=[
+                        hd.sr.Measurement(
+                            name=MALIGNANCY_SCORE,
+                            value=float(malignancy_score(result, side)),
+                            unit=PROBABILITY,
+                            derivation=codes.SCT.Mean,  # CID 7464 derivation
+                        )
+                    ],
+                )
+            )
     call = density_call(result)
     for name, data in result.density.items():
         model = f"density_{name}"
@@ -125,14 +144,16 @@ def build_sr(result: PipelineResult, sources: list[Dataset], produced: list[Data
         qualitative = []
         if call is not None and call.model == model:
             qualitative = [hd.sr.QualitativeEvaluation(name=BREAST_COMPOSITION, value=COMPOSITION[call.category])]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"breast density, {name} model"),
-            algorithm_id=algorithm,
-            finding_sites=[hd.sr.FindingSite(anatomic_location=BOTH_BREASTS)],
-            measurements=[_measurement(P_CATEGORY[c], p, algorithm) for c, p in zip("abcd", data["probabilities"])],
-            qualitative_evaluations=qualitative or None,
-            source_images=_source_images(sources),
-        ))
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"breast density, {name} model"),
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(anatomic_location=BOTH_BREASTS)],
+                measurements=[_measurement(P_CATEGORY[c], p, algorithm) for c, p in zip("abcd", data["probabilities"])],
+                qualitative_evaluations=qualitative or None,
+                source_images=_source_images(sources),
+            )
+        )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.cid100.ImagingProcedure,

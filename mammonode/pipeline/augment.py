@@ -43,8 +43,14 @@ def _inside(start: int, end: int, size: int, length: int) -> tuple[int, int]:
     return start, end
 
 
-def sample_window(shape: tuple[int, int], angle: str, center: tuple[int, int], rng: np.random.RandomState,
-                  max_crop_noise: tuple[int, int], max_crop_size_noise: int) -> Window:
+def sample_window(
+    shape: tuple[int, int],
+    angle: str,
+    center: tuple[int, int],
+    rng: np.random.RandomState,
+    max_crop_noise: tuple[int, int],
+    max_crop_size_noise: int,
+) -> Window:
     height, width = shape
     size = INPUT_SIZE[angle]
     crop_noise = np.array(max_crop_noise)
@@ -87,7 +93,8 @@ def sample_window(shape: tuple[int, int], angle: str, center: tuple[int, int], r
     crop_noise[1] = min(crop_noise[1], horizontal_room)
     shift = np.round(crop_noise * multiplier)
     borders = np.array((top, bottom, left, right), dtype=np.int32) + np.array(
-        (shift[0], shift[0], shift[1], shift[1]), dtype=np.int32)
+        (shift[0], shift[0], shift[1], shift[1]), dtype=np.int32
+    )
 
     # Border (size) noise.
     size_multiplier = rng.uniform(low=-1.0, high=1.0, size=4)

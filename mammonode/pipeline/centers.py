@@ -37,8 +37,12 @@ def _window_sums(binary: np.ndarray, centres: np.ndarray, window: np.ndarray) ->
     br = np.minimum(centres + (window - half) + shift, dims)
     integral = np.zeros((dims[0] + 1, dims[1] + 1), dtype=np.int64)
     integral[1:, 1:] = binary.cumsum(0).cumsum(1)
-    return (integral[br[:, 0], br[:, 1]] - integral[tl[:, 0], br[:, 1]]
-            - integral[br[:, 0], tl[:, 1]] + integral[tl[:, 0], tl[:, 1]])
+    return (
+        integral[br[:, 0], br[:, 1]]
+        - integral[tl[:, 0], br[:, 1]]
+        - integral[br[:, 0], tl[:, 1]]
+        + integral[tl[:, 0], tl[:, 1]]
+    )
 
 
 def best_center(cropped_facing_right: np.ndarray, angle: str, crop: CropInfo) -> tuple[int, int]:
@@ -55,7 +59,7 @@ def best_center(cropped_facing_right: np.ndarray, angle: str, crop: CropInfo) ->
         low[1], high[1] = rightmost_x - half[1] - 1, rightmost_x - half[1]
     else:
         bottom_y = crop.bottommost_points[0]
-        rows = np.flatnonzero(np.any(image[:, -window[1]:] != 0, axis=1))
+        rows = np.flatnonzero(np.any(image[:, -window[1] :] != 0, axis=1))
         if rows.size:
             bottom_y = min(int(rows[-1]), bottom_y)
         high = np.array([bottom_y, rightmost_x]) - half

@@ -22,8 +22,13 @@ MAX_CROP_NOISE = (100, 100)
 MAX_CROP_SIZE_NOISE = 100
 
 
-def draw_windows(shapes: Mapping[str, tuple[int, int]], centers: Mapping[str, tuple[int, int]],
-                 epochs: int, seed: int, augmentation: bool) -> list[dict[str, Window]]:
+def draw_windows(
+    shapes: Mapping[str, tuple[int, int]],
+    centers: Mapping[str, tuple[int, int]],
+    epochs: int,
+    seed: int,
+    augmentation: bool,
+) -> list[dict[str, Window]]:
     rng = np.random.RandomState(seed)
     noise, size_noise = (MAX_CROP_NOISE, MAX_CROP_SIZE_NOISE) if augmentation else ((0, 0), 0)
     windows = []
@@ -48,9 +53,18 @@ def model_input(image: np.ndarray, heatmaps: np.ndarray | None, window: Window, 
     return channels
 
 
-def predict(model: SplitBreastModel, images: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray] | None,
-            centers: Mapping[str, tuple[int, int]], epochs: int, seed: int, augmentation: bool,
-            batch_size: int = 2, device: torch.device | None = None, precision: str = "fp32") -> dict[str, float]:
+def predict(
+    model: SplitBreastModel,
+    images: Mapping[str, np.ndarray],
+    heatmaps: Mapping[str, np.ndarray] | None,
+    centers: Mapping[str, tuple[int, int]],
+    epochs: int,
+    seed: int,
+    augmentation: bool,
+    batch_size: int = 2,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:
     """``images``: cropped views facing right; ``heatmaps``: per view (H, W, 2) benign, malignant."""
     device = device or next(model.parameters()).device
     epochs = epochs if augmentation else 1

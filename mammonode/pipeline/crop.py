@@ -51,8 +51,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == candidates[0]
 
 
-def crop_breast(image: np.ndarray, facing_right: bool, iterations: int = 100, buffer: int = 50,
-                rightmost_from_ratio: float = 1 / 3) -> CropInfo:
+def crop_breast(
+    image: np.ndarray, facing_right: bool, iterations: int = 100, buffer: int = 50, rightmost_from_ratio: float = 1 / 3
+) -> CropInfo:
     """Crop window of ``image`` (as acquired); ``facing_right`` for left views."""
     height, width = image.shape
     mask = (image > 0).astype(np.uint8)

@@ -58,8 +58,9 @@ def histogram_probabilities(model: torch.nn.Module, facing_right: Mapping[str, n
         return [float(p) for p in model(x)[0]]
 
 
-def cnn_probabilities(model: torch.nn.Module, facing_right: Mapping[str, np.ndarray],
-                      device: torch.device | None = None) -> list[float]:
+def cnn_probabilities(
+    model: torch.nn.Module, facing_right: Mapping[str, np.ndarray], device: torch.device | None = None
+) -> list[float]:
     device = device or next(model.parameters()).device
     x = {view: torch.from_numpy(standardise(conform(facing_right[view])))[None, None].to(device) for view in VIEWS}
     with torch.inference_mode():

@@ -204,9 +204,11 @@ def compute_heatmaps(
         if background.any():
             first = np.flatnonzero(background)[0]
             probs[background] = probs[first]
-        results.append(Heatmaps(
-            benign=accumulate(grids[index].shape, corners, probs[:, BENIGN_CLASS]),
-            malignant=accumulate(grids[index].shape, corners, probs[:, MALIGNANT_CLASS]),
-        ))
+        results.append(
+            Heatmaps(
+                benign=accumulate(grids[index].shape, corners, probs[:, BENIGN_CLASS]),
+                malignant=accumulate(grids[index].shape, corners, probs[:, MALIGNANT_CLASS]),
+            )
+        )
     stats = HeatmapStats(patches=sum(len(c) for c in corner_lists), classified=len(queue_view), seconds_model=seconds)
     return results, stats

@@ -21,8 +21,9 @@ def parse_png_spec(spec: str) -> tuple[str, Path]:
     return view, Path(path)
 
 
-def prepare_exam(dicom_files: Iterable[Path] = (), png_specs: Iterable[str] = (),
-                 png_mirrored: Iterable[str] = ()) -> tuple[dict[str, PreparedView], float]:
+def prepare_exam(
+    dicom_files: Iterable[Path] = (), png_specs: Iterable[str] = (), png_mirrored: Iterable[str] = ()
+) -> tuple[dict[str, PreparedView], float]:
     """Prepared views and the seconds it took. A view given twice is an error."""
     start = time.perf_counter()
     views: dict[str, PreparedView] = {}

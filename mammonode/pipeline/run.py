@@ -166,8 +166,9 @@ def _plan(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
-def run_pipeline(prepared: Mapping[str, PreparedView], options: PipelineOptions,
-                 timing: dict[str, float] | None = None) -> PipelineResult:
+def run_pipeline(
+    prepared: Mapping[str, PreparedView], options: PipelineOptions, timing: dict[str, float] | None = None
+) -> PipelineResult:
     missing = [v for v in VIEWS if v not in prepared]
     if missing:
         raise ImageInputError(f"the exam lacks views: {', '.join(missing)}")
@@ -202,9 +203,14 @@ def run_pipeline(prepared: Mapping[str, PreparedView], options: PipelineOptions,
             cropped = cropped[:, ::-1]
         crops[view] = np.ascontiguousarray(cropped)
         result.views[view] = ViewResult(
-            source=p.source, mirrored=p.mirrored, crop=info, best_center=(0, 0),
-            sop_instance_uid=p.sop_instance_uid, sop_class_uid=p.sop_class_uid,
-            orientation_source=p.orientation_source, faces_left=laterality(view) == "R",
+            source=p.source,
+            mirrored=p.mirrored,
+            crop=info,
+            best_center=(0, 0),
+            sop_instance_uid=p.sop_instance_uid,
+            sop_class_uid=p.sop_class_uid,
+            orientation_source=p.orientation_source,
+            faces_left=laterality(view) == "R",
         )
     timing["crop"] = time.perf_counter() - start
 
@@ -220,8 +226,9 @@ def run_pipeline(prepared: Mapping[str, PreparedView], options: PipelineOptions,
         result.models["patch"] = provenance(options.weights_dir, "patch")
         grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
         runner = fp32_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
-        maps, result.heatmap_stats = compute_heatmaps([crops[v] for v in VIEWS], grids, runner,
-                                                      batch_size=options.heatmap_batch)
+        maps, result.heatmap_stats = compute_heatmaps(
+            [crops[v] for v in VIEWS], grids, runner, batch_size=options.heatmap_batch
+        )
         for view, m in zip(VIEWS, maps):
             result.views[view].heatmap_benign = m.benign
             result.views[view].heatmap_malignant = m.malignant
@@ -237,11 +244,19 @@ def run_pipeline(prepared: Mapping[str, PreparedView], options: PipelineOptions,
         result.models[name] = provenance(options.weights_dir, name)
         heatmaps = None
         if name == "image_heatmaps":
-            heatmaps = {v: np.dstack([result.views[v].heatmap_benign, result.views[v].heatmap_malignant])
-                        for v in VIEWS}
+            heatmaps = {
+                v: np.dstack([result.views[v].heatmap_benign, result.views[v].heatmap_malignant]) for v in VIEWS
+            }
         result.cancer[name] = classify.predict(
-            model, crops, heatmaps, centers, epochs=options.epochs, seed=options.seed,
-            augmentation=options.augmentation, batch_size=options.classifier_batch, device=device,
+            model,
+            crops,
+            heatmaps,
+            centers,
+            epochs=options.epochs,
+            seed=options.seed,
+            augmentation=options.augmentation,
+            batch_size=options.classifier_batch,
+            device=device,
             precision=options.precision,
         )
         del model
@@ -259,7 +274,9 @@ def run_pipeline(prepared: Mapping[str, PreparedView], options: PipelineOptions,
             else:
                 probs = density.cnn_probabilities(model, facing_right, device)
             result.density[name.removeprefix("density_")] = {
-                "probabilities": probs, "category": density.category(probs)}
+                "probabilities": probs,
+                "category": density.category(probs),
+            }
         timing["density"] = time.perf_counter() - start
 
     timing["total"] = timing.get("prepare", 0.0) + time.perf_counter() - total_start

@@ -92,12 +92,12 @@ def provenance(weights_dir: Path, name: str) -> ModelProvenance:
     expected = manifest()[name].sha256
     verified = bool(expected) and digest == expected
     # A file whose checksum is the official one is not a test weight, whatever directory holds it.
-    return ModelProvenance(file=str(path), sha256=digest, verified=verified,
-                           test_weights=is_test_dir(weights_dir) and not verified)
+    return ModelProvenance(
+        file=str(path), sha256=digest, verified=verified, test_weights=is_test_dir(weights_dir) and not verified
+    )
 
 
-_OLD_DENSENET = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from mammonode.config import Config
@@ -84,9 +84,14 @@ class DimseListener:
             return _status(OUT_OF_RESOURCES, "node is shutting down")
         request = event.request
         try:
-            result = ingest(Path(event.dataset_path), self.storage_dir, self.db, calling_ae=calling,
-                            expected_sop_uid=str(request.AffectedSOPInstanceUID),
-                            expected_sop_class=str(request.AffectedSOPClassUID))
+            result = ingest(
+                Path(event.dataset_path),
+                self.storage_dir,
+                self.db,
+                calling_ae=calling,
+                expected_sop_uid=str(request.AffectedSOPInstanceUID),
+                expected_sop_class=str(request.AffectedSOPClassUID),
+            )
         except StoreError as exc:
             with self._stats_lock:
                 self.stats["failed"] += 1
@@ -99,8 +104,9 @@ class DimseListener:
             return _status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
         with self._stats_lock:
             self.stats["duplicates" if result.outcome == "duplicate" else "stored"] += 1
-        log.debug("stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid,
-                  result.outcome)
+        log.debug(
+            "stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid, result.outcome
+        )
         if self.on_stored is not None:
             self.on_stored(result)
         return 0x0000
@@ -114,8 +120,14 @@ class DimseListener:
         assoc = event.assoc
         started = getattr(assoc, "_mammonode_start", None)
         seconds = time.monotonic() - started if started else 0.0
-        log.info("association %s: calling AE %s from %s:%s, %.1f s", how, assoc.requestor.ae_title,
-                 assoc.requestor.address, assoc.requestor.port, seconds)
+        log.info(
+            "association %s: calling AE %s from %s:%s, %.1f s",
+            how,
+            assoc.requestor.ae_title,
+            assoc.requestor.address,
+            assoc.requestor.port,
+            seconds,
+        )
 
     def _handle_rejected(self, event) -> None:
         with self._stats_lock:
@@ -134,8 +146,9 @@ class DimseListener:
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
         self.ae = self.build_ae()
-        self.server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                           ssl_context=self.ssl_context())
+        self.server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context()
+        )
         log.info("DIMSE listener %s on %s:%s%s", node.ae_title, node.host, self.port, " (TLS)" if node.tls else "")
 
     @property

@@ -163,8 +163,11 @@ def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
 
 
 def _acquired(ds: Dataset) -> str | None:
-    for dt, date, time in (("AcquisitionDateTime", None, None), (None, "AcquisitionDate", "AcquisitionTime"),
-                           (None, "ContentDate", "ContentTime")):
+    for dt, date, time in (
+        ("AcquisitionDateTime", None, None),
+        (None, "AcquisitionDate", "AcquisitionTime"),
+        (None, "ContentDate", "ContentTime"),
+    ):
         if dt and ds.get(dt):
             return str(ds.get(dt))[:26]
         if date and ds.get(date):
@@ -176,8 +179,14 @@ def instance_path(storage_dir: Path, study_uid: str, sop_uid: str, sha256: str) 
     return storage_dir / "instances" / study_uid / f"{sop_uid}.{sha256[:16]}.dcm"
 
 
-def ingest(spool: Path, storage_dir: Path, db: Database, calling_ae: str | None = None,
-           expected_sop_uid: str | None = None, expected_sop_class: str | None = None) -> IngestResult:
+def ingest(
+    spool: Path,
+    storage_dir: Path,
+    db: Database,
+    calling_ae: str | None = None,
+    expected_sop_uid: str | None = None,
+    expected_sop_class: str | None = None,
+) -> IngestResult:
     ds = read_header(spool)
     sop_uid = _uid(ds, "SOPInstanceUID")
     study_uid = _uid(ds, "StudyInstanceUID")
@@ -198,14 +207,25 @@ def ingest(spool: Path, storage_dir: Path, db: Database, calling_ae: str | None 
         digest, size = _copy_hashed(spool, temp)
         final = instance_path(storage_dir, study_uid, sop_uid, digest)
         meta = InstanceMeta(
-            sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
-            series_instance_uid=series_uid, modality=_text(ds, "Modality", 16),
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            modality=_text(ds, "Modality", 16),
             transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
-            path=str(final.relative_to(storage_dir)), size=size, sha256=digest,
-            view=assignment.view, usable=assignment.usable, reason=assignment.reason or None,
-            faces_expected=assignment.faces_expected, acquired=_acquired(ds), calling_ae_title=calling_ae,
-            patient_id=_text(ds, "PatientID", 64), patient_name=_text(ds, "PatientName", 324),
-            accession_number=_text(ds, "AccessionNumber", 16), study_date=_text(ds, "StudyDate", 8),
+            path=str(final.relative_to(storage_dir)),
+            size=size,
+            sha256=digest,
+            view=assignment.view,
+            usable=assignment.usable,
+            reason=assignment.reason or None,
+            faces_expected=assignment.faces_expected,
+            acquired=_acquired(ds),
+            calling_ae_title=calling_ae,
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
         )
         already = final.exists()
         if not already:

@@ -94,9 +94,7 @@ class DenseBlock(nn.ModuleDict):
         self.in_features = in_features
         self.growth_rate = growth_rate
         for i in range(num_layers):
-            self.add_module(
-                f"denselayer{i + 1}", DenseLayer(in_features + i * growth_rate, growth_rate, bn_size)
-            )
+            self.add_module(f"denselayer{i + 1}", DenseLayer(in_features + i * growth_rate, growth_rate, bn_size))
 
     @property
     def out_features(self) -> int:
@@ -109,9 +107,9 @@ class DenseBlock(nn.ModuleDict):
             if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             else torch.contiguous_format
         )
-        buffer = torch.empty(
-            (n, self.out_features, h, w), dtype=x.dtype, device=x.device
-        ).contiguous(memory_format=memory_format)
+        buffer = torch.empty((n, self.out_features, h, w), dtype=x.dtype, device=x.device).contiguous(
+            memory_format=memory_format
+        )
         buffer[:, : self.in_features] = x
         filled = self.in_features
         for layer in self.values():
@@ -137,9 +135,7 @@ class DenseNet121(nn.Module):
         super().__init__()
         growth, bn_size, features = 32, 4, 64
         self.features = nn.Sequential()
-        self.features.add_module(
-            "conv0", SamePadConv2d(in_channels, features, kernel_size=7, stride=2, bias=False)
-        )
+        self.features.add_module("conv0", SamePadConv2d(in_channels, features, kernel_size=7, stride=2, bias=False))
         self.features.add_module("norm0", nn.BatchNorm2d(features))
         self.features.add_module("relu0", nn.ReLU(inplace=True))
         self.features.add_module("pool0", SamePadMaxPool2d(kernel_size=3, stride=2))

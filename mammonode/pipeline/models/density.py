@@ -15,10 +15,18 @@ from mammonode.views import VIEWS
 # (name, in, out, stride) of the 13 view-shared convolution pairs, in the original order.
 _CONVS = (
     ("conv1", 1, 32, 2),
-    ("conv2a", 32, 64, 2), ("conv2b", 64, 64, 1), ("conv2c", 64, 64, 1),
-    ("conv3a", 64, 128, 1), ("conv3b", 128, 128, 1), ("conv3c", 128, 128, 1),
-    ("conv4a", 128, 128, 1), ("conv4b", 128, 128, 1), ("conv4c", 128, 128, 1),
-    ("conv5a", 128, 256, 1), ("conv5b", 256, 256, 1), ("conv5c", 256, 256, 1),
+    ("conv2a", 32, 64, 2),
+    ("conv2b", 64, 64, 1),
+    ("conv2c", 64, 64, 1),
+    ("conv3a", 64, 128, 1),
+    ("conv3b", 128, 128, 1),
+    ("conv3c", 128, 128, 1),
+    ("conv4a", 128, 128, 1),
+    ("conv4b", 128, 128, 1),
+    ("conv4c", 128, 128, 1),
+    ("conv5a", 128, 256, 1),
+    ("conv5b", 256, 256, 1),
+    ("conv5c", 256, 256, 1),
 )
 # Max pool (kernel = stride) applied before these convolutions.
 _POOL_BEFORE = {"conv2a": 3, "conv3a": 2, "conv4a": 2, "conv5a": 2}
