@@ -43,7 +43,7 @@ def _setup_logging(cfg: Config, level: str | None = None) -> None:
 
 
 def _db(cfg: Config):
-    from mammonode.node import open_database
+    from mammonode.db import open_database
 
     return open_database(cfg)
 

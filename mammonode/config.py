@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mammonode.pipeline.weights import MODEL_NAMES
+from mammonode.pipeline.names import MODEL_NAMES
 
 
 class ConfigError(ValueError):

@@ -5,28 +5,19 @@ finish, a running job goes back to the queue)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 
 from mammonode.config import Config
-from mammonode.db import assembly
-from mammonode.db.migrate import upgrade
-from mammonode.db.session import Database
+from mammonode.db import assembly, open_database
 from mammonode.dicom_out.delivery import DeliverySender
 from mammonode.scp.dimse import DimseListener
 from mammonode.scp.storage import recover
 from mammonode.worker import PipelineWorker
 
 log = logging.getLogger("mammonode.node")
-
-
-def open_database(cfg: Config, migrate: bool = True) -> Database:
-    cfg.storage_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(cfg.database_url)
-    if migrate:
-        upgrade(db.engine)
-    return db
 
 
 class Node:
@@ -87,3 +78,8 @@ class Node:
                 time.sleep(0.2)
         finally:
             self.stop()
+        if any(t.is_alive() for t in self.threads if t.name.startswith("worker")):
+            # A worker may be inside PyTorch; its job is already back in the queue. Interpreter
+            # shutdown under a running native thread can abort, so leave without it.
+            logging.shutdown()
+            os._exit(0)

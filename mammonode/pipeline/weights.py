@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mammonode.pipeline.names import ALL_MODELS, MODEL_NAMES
+
 TEST_MARKER = "TEST_WEIGHTS"
-MODEL_NAMES = ("image_only", "image_heatmaps", "density_histogram", "density_cnn")
-ALL_MODELS = ("patch", *MODEL_NAMES)
+__all__ = ["ALL_MODELS", "MODEL_NAMES", "TEST_MARKER"]
 
 
 class WeightsError(RuntimeError):

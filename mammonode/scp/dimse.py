@@ -31,6 +31,15 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 _config.LOG_HANDLER_LEVEL = "none"
 
 
+def _any_uid(value: object) -> tuple[bool, str]:
+    """Let malformed UIDs in a request reach the C-STORE handler, which refuses them with a
+    failure status; pynetdicom's own check would abort the whole association instead."""
+    return isinstance(value, str), ""
+
+
+_config.VALIDATORS["UI"] = _any_uid
+
+
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -114,7 +123,11 @@ class DimseListener:
     def _handle_accepted(self, event) -> None:
         with self._stats_lock:
             self.stats["associations"] += 1
-        event.assoc._mammonode_start = time.monotonic()
+        event.assoc._mammonode_start = event.assoc._mammonode_pdu = time.monotonic()
+
+    @staticmethod
+    def _handle_pdu(event) -> None:
+        event.assoc._mammonode_pdu = time.monotonic()
 
     def _handle_released(self, event, how: str) -> None:
         assoc = event.assoc
@@ -144,6 +157,7 @@ class DimseListener:
             (evt.EVT_RELEASED, self._handle_released, ["released"]),
             (evt.EVT_ABORTED, self._handle_released, ["aborted"]),
             (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_PDU_RECV, self._handle_pdu),
         ]
         self.ae = self.build_ae()
         self.server = self.ae.start_server(
@@ -158,14 +172,21 @@ class DimseListener:
     def active_associations(self) -> int:
         return len(self.server.active_associations) if self.server else 0
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """No new associations; let in-flight ones finish for up to ``grace_s``, then abort."""
+    def stop(self, grace_s: float = 30.0, idle_s: float = 2.0) -> None:
+        """No new associations; associations still transferring (a PDU within ``idle_s``) get
+        up to ``grace_s`` to finish, idle ones are closed at once. An instance whose transfer
+        is cut short was never acknowledged, so the sender sends it again."""
         if self.server is None:
             return
         server = self.server
         server.shutdown()  # closes the listening socket; association threads carry on
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and server.active_associations:
+
+        def busy() -> list:
+            now = time.monotonic()
+            return [a for a in server.active_associations if now - getattr(a, "_mammonode_pdu", 0) < idle_s]
+
+        while time.monotonic() < deadline and busy():
             time.sleep(0.1)
         self.accepting = False
         for assoc in list(server.active_associations):
