@@ -22,8 +22,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 weights_app = typer.Typer(no_args_is_help=True, help="Model weights: install, list, verify.")
 app.add_typer(db_app, name="db")
 app.add_typer(weights_app, name="weights")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default ./config.toml or $MAMMONODE_CONFIG)")
 

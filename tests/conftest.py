@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mammonode.views import VIEWS
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 ARTIFACTS = REPO / "artifacts"
@@ -223,7 +225,18 @@ def node_factory(tmp_path):
 def storescu(
     port: int, files: list[Path], *extra: str, calling: str = "STORESCU", called: str = "MAMMONODE", check: bool = True
 ) -> subprocess.CompletedProcess:
-    command = [need_tool("storescu"), "-v", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)]
+    command = [
+        need_tool("storescu"),
+        "-v",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -238,3 +251,49 @@ def test_weights_dir(tmp_path_factory) -> Path:
         shutil.copy(f, target / f.name)
     shutil.copy(need_shared("weights", "official", "density_histogram_model.p"), target)
     return target
+
+
+def density_dicoms() -> list[Path]:
+    return sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))
+
+
+def density_png_args() -> list[str]:
+    """The density exam PNGs store every view facing right: the right views are mirrored."""
+    folder = need_shared("samples", "png", "density-exam")
+    args = []
+    for view in VIEWS:
+        args += ["--png", f"{view}={folder / (view + '.png')}"]
+    return args + ["--png-mirrored", "R-CC", "--png-mirrored", "R-MLO"]
+
+
+def _predict(tmp: Path, weights: Path, inputs: list[str], extra: list[str] = ()) -> dict:
+    heatmaps = tmp / "heatmaps"
+    out = cli(
+        "predict",
+        *inputs,
+        "--weights-dir",
+        str(weights),
+        "--device",
+        "cpu",
+        "--heatmaps-out",
+        str(heatmaps),
+        *extra,
+        "--json",
+        timeout=1800,
+    )
+    data = json.loads(out.stdout)
+    data["_heatmaps_dir"] = str(heatmaps)
+    return data
+
+
+@pytest.fixture(scope="session")
+def dicom_run(tmp_path_factory, test_weights_dir) -> dict:
+    tmp = tmp_path_factory.mktemp("predict-dicom")
+    return _predict(
+        tmp, test_weights_dir, [str(p) for p in density_dicoms()], ["--results-out", str(tmp / "results")]
+    ) | {"_results_dir": str(tmp / "results")}
+
+
+@pytest.fixture(scope="session")
+def png_run(tmp_path_factory, test_weights_dir) -> dict:
+    return _predict(tmp_path_factory.mktemp("predict-png"), test_weights_dir, density_png_args())

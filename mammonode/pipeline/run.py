@@ -67,6 +67,7 @@ class ViewResult:
     sop_class_uid: str | None = None
     orientation_source: str = ""
     faces_left: bool = False
+    stride_lists: dict[str, list[int]] | None = None
 
     def as_dict(self) -> dict:
         out = {
@@ -76,6 +77,8 @@ class ViewResult:
             "crop": self.crop.as_dict(),
             "best_center": list(self.best_center),
         }
+        if self.stride_lists is not None:
+            out["stride_lists"] = self.stride_lists
         if self.heatmap_malignant is not None:
             out["heatmaps"] = {
                 "shape": list(self.heatmap_malignant.shape),
@@ -229,9 +232,10 @@ def run_pipeline(
         maps, result.heatmap_stats = compute_heatmaps(
             [crops[v] for v in VIEWS], grids, runner, batch_size=options.heatmap_batch
         )
-        for view, m in zip(VIEWS, maps):
+        for view, m, grid in zip(VIEWS, maps, grids):
             result.views[view].heatmap_benign = m.benign
             result.views[view].heatmap_malignant = m.malignant
+            result.views[view].stride_lists = {"width": grid.width_strides, "length": grid.length_strides}
         del patch_model
         timing["heatmaps"] = time.perf_counter() - start
 

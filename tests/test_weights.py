@@ -1,0 +1,82 @@
+"""Weight files: strict loading with clear errors, provenance, and the weights CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import cli, need_shared
+
+from mammonode.pipeline.model_registry import load_model
+from mammonode.pipeline.weights import WeightsError, provenance, read_state_dict
+
+OFFICIAL_HISTOGRAM_SHA256 = "a56eb45ca5a9cd77326b0bee940291d19c7b03215c7880523181972e78f73117"  # ../shared/README.md
+
+
+def test_original_files_load_strictly_in_both_densenet_spellings(test_weights_dir):
+    for name in ("patch", "image_only", "image_heatmaps", "density_cnn", "density_histogram"):
+        model = load_model(name, test_weights_dir)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = read_state_dict(test_weights_dir / "patch_model.p")
+    assert "features.denseblock1.denselayer1.norm1.weight" in state  # mapped from "norm.1"
+
+
+def test_mismatches_are_named(tmp_path, test_weights_dir):
+    state = torch.load(test_weights_dir / "image_only_model.p", weights_only=True)
+    missing = dict(state["model"])
+    del missing["fc1_cc.weight"]
+    torch.save({"model": missing}, tmp_path / "image_only_model.p")
+    with pytest.raises(WeightsError, match="missing key 'fc1_cc.weight'"):
+        load_model("image_only", tmp_path)
+    shaped = dict(state["model"])
+    shaped["fc1_cc.bias"] = torch.zeros(3)
+    torch.save({"model": shaped}, tmp_path / "image_only_model.p")
+    with pytest.raises(WeightsError, match=r"fc1_cc.bias.*shape \(3,\), expected \(512,\)"):
+        load_model("image_only", tmp_path)
+    extra = dict(state["model"])
+    extra["surprise"] = torch.zeros(1)
+    torch.save({"model": extra}, tmp_path / "image_only_model.p")
+    with pytest.raises(WeightsError, match="unexpected key 'surprise'"):
+        load_model("image_only", tmp_path)
+    torch.save(state["model"], tmp_path / "image_only_model.p")  # not wrapped in {"model": ...}
+    with pytest.raises(WeightsError, match="expected a dict with key 'model'"):
+        load_model("image_only", tmp_path)
+    (tmp_path / "image_only_model.p").write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        load_model("image_only", tmp_path)
+
+
+def test_provenance_knows_the_official_histogram_and_test_weights(test_weights_dir):
+    hist = provenance(test_weights_dir, "density_histogram")
+    assert hist.sha256 == OFFICIAL_HISTOGRAM_SHA256 and hist.verified and not hist.test_weights
+    cnn = provenance(test_weights_dir, "density_cnn")
+    assert cnn.test_weights and not cnn.verified
+
+
+def test_weights_install_list_verify(tmp_path):
+    target = tmp_path / "installed"
+    out = cli("weights", "install", "--from", str(need_shared("weights", "test")), "--weights-dir", str(target))
+    assert "installed" in out.stdout
+    cli("weights", "install", "--from", str(need_shared("weights", "official")), "--weights-dir", str(target))
+    rows = {r["model"]: r for r in json.loads(cli("weights", "list", "--weights-dir", str(target), "--json").stdout)}
+    assert all(r["installed"] for r in rows.values())
+    assert rows["density_histogram"]["verified"] and not rows["density_histogram"]["test_weights"]
+    assert rows["patch"]["test_weights"]
+    verified = cli("weights", "verify", "--weights-dir", str(target), "--json")
+    assert all(r["status"] == "ok" for r in json.loads(verified.stdout))
+    # A corrupted file is reported, and verify fails.
+    (target / "density_cnn_model.p").write_bytes(b"garbage")
+    bad = cli("weights", "verify", "--weights-dir", str(target), "--json", check=False)
+    assert bad.returncode == 1
+    assert {r["model"]: r["status"] for r in json.loads(bad.stdout)}["density_cnn"] == "bad"
+
+
+def test_install_refuses_a_file_that_contradicts_a_known_checksum(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(need_shared("weights", "test", "density_cnn_model.p"), source / "density_histogram_model.p")
+    out = cli("weights", "install", "--from", str(source), "--weights-dir", str(tmp_path / "w"))
+    assert "not the official" in out.stdout
+    assert not (tmp_path / "w" / "density_histogram_model.p").exists()
