@@ -39,7 +39,7 @@ class PipelineOptions:
     models: tuple[str, ...] = DEFAULT_MODELS
     precision: str = "fp32"  # or "bf16" (opt-in fast mode)
     heatmap_batch: int = 8
-    classifier_batch: int = 2
+    classifier_batch: int = 1
     threads: int | None = None
 
     def parameters(self) -> dict:

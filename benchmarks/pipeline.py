@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Pipeline speed and memory on the density exam, beside the original code's figures.
+
+Runs the whole exam (all four models, 10 augmented epochs) with the seed-0 test weights
+(+ the official histogram model), fp32 and then the opt-in bf16 mode, each in its own
+process so peak RSS is its own. Prints per-stage seconds, patches/s, peak RSS, speed-up
+against the original's ~430 s, the raw throughput of the patch model alone measured in the
+same run (fp32 NCHW, fp32 channels-last, bf16 autocast), and how far bf16 lands from the
+reference outputs.
+
+    .venv/bin/python benchmarks/pipeline.py [--device cpu|cuda] [--skip-bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import REPO, SHARED
+
+LABELS = ("left_benign", "right_benign", "left_malignant", "right_malignant")
+VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+
+
+def weights_dir(tmp: Path) -> Path:
+    target = tmp / "weights"
+    target.mkdir()
+    for f in (SHARED / "weights" / "test").iterdir():
+        shutil.copy(f, target / f.name)
+    shutil.copy(SHARED / "weights" / "official" / "density_histogram_model.p", target)
+    return target
+
+
+def child(mode: str, device: str, weights: Path, heatmaps_out: Path) -> None:
+    """Run once in this process and print a JSON line (timings, peak RSS)."""
+    sys.path.insert(0, str(REPO))
+    from mammonode.pipeline.inputs import prepare_exam
+    from mammonode.pipeline.run import PipelineOptions, run_pipeline
+
+    start = time.perf_counter()
+    prepared, seconds = prepare_exam(sorted((SHARED / "samples" / "dicom" / "density-exam").glob("*.dcm")))
+    result = run_pipeline(
+        prepared, PipelineOptions(weights_dir=weights, device=device, precision=mode), {"prepare": seconds}
+    )
+    wall = time.perf_counter() - start
+    heatmaps_out.mkdir(parents=True, exist_ok=True)
+    for view, v in result.views.items():
+        np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant)
+        np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign)
+    data = result.as_dict()
+    data["wall_s"] = wall
+    data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data["heatmap_model_s"] = result.heatmap_stats.seconds_model
+    print("RESULT " + json.dumps(data))
+
+
+def raw_throughput(device: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from mammonode.pipeline.model_registry import load_model
+
+    model = load_model("patch", SHARED / "weights" / "test").to(device)
+    out = {}
+
+    def bench(batch: int, channels_last: bool, bf16: bool, repeats: int) -> float:
+        net = (
+            model.to(memory_format=torch.channels_last)
+            if channels_last
+            else model.to(memory_format=torch.contiguous_format)
+        )
+        x = torch.randn(batch, 1, 256, 256, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16),
+        ):
+            net(x)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                net(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return batch * repeats / (time.perf_counter() - start)
+
+    for batch in (64, 8):
+        repeats = 2 if batch == 64 and device == "cpu" else (16 if device == "cpu" else 20)
+        out[f"batch{batch}_fp32_nchw"] = bench(batch, False, False, repeats)
+        out[f"batch{batch}_fp32_channels_last"] = bench(batch, True, False, repeats)
+        out[f"batch{batch}_bf16_autocast_channels_last"] = bench(batch, True, True, repeats)
+    return out
+
+
+def block8(h: np.ndarray) -> np.ndarray:
+    r, c = (h.shape[0] // 8) * 8, (h.shape[1] // 8) * 8
+    return h[:r, :c].reshape(r // 8, 8, c // 8, 8).mean(axis=(1, 3), dtype=np.float64)
+
+
+def deviations(run: dict, heatmaps: Path, reference: dict) -> dict:
+    heat = max(
+        float(
+            np.abs(
+                block8(np.load(heatmaps / f"{v}_{k}.npy"))
+                - np.load(SHARED / "reference" / f"heatmap_{v}_{k}_block8.npy")
+            ).max()
+        )
+        for v in VIEWS
+        for k in ("benign", "malignant")
+    )
+    ref = reference["cancer"]["augmented_seed0_epochs10"]
+    cancer = max(abs(run["cancer"][m][label] - ref[m][label]) for m in ref for label in LABELS)
+    dens = max(
+        max(abs(a - b) for a, b in zip(run["density"][m]["probabilities"], reference["density"][m]["probabilities"]))
+        for m in ("histogram", "cnn")
+    )
+    return {"heatmap_block8_max": heat, "cancer_max": cancer, "density_max": dens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.device, Path(args.weights), Path(args.out))
+        return
+    reference = json.loads((SHARED / "reference" / "reference.json").read_text())
+    original = reference["timing_of_the_original_code"]
+    original_total = sum(
+        original[k]["wall_s"] for k in ("crop", "centers", "heatmaps", "image_aug_seed0", "imageheatmaps_aug_seed0")
+    )
+    with tempfile.TemporaryDirectory(prefix="mammonode-bench-") as tmp:
+        tmp = Path(tmp)
+        weights = weights_dir(tmp)
+        runs = {}
+        for mode in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--device",
+                    args.device,
+                    "--weights",
+                    str(weights),
+                    "--out",
+                    str(tmp / mode),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+            runs[mode] = json.loads(line[7:])
+            runs[mode]["deviation"] = deviations(runs[mode], tmp / mode, reference)
+        raw = raw_throughput(args.device)
+
+    print(f"density exam, all four models, 10 epochs, device {args.device}")
+    print(
+        f"original code (reference, 2-core CPU): total {original_total:.0f} s "
+        f"(heatmaps {original['heatmaps']['wall_s']:.0f} s, {original['heatmaps']['patches']} patches, "
+        f"{original['heatmaps']['patches'] / original['heatmaps']['wall_s']:.1f} patches/s), "
+        f"peak RSS {max(v['peak_rss_mb'] for v in original.values() if isinstance(v, dict) and 'peak_rss_mb' in v)} MB"
+    )
+    for mode, run in runs.items():
+        t = run["timing_s"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+        patches = run["heatmap_patches"]
+        print(
+            f"[{mode}] total {t['total']:.1f} s (wall {run['wall_s']:.1f} s) -> {original_total / t['total']:.2f}x "
+            f"faster than the original; stages (s): {stages}"
+        )
+        print(
+            f"[{mode}] heatmaps: {patches['total']} patches ({patches['classified']} classified, the rest "
+            f"all-background), {patches['total'] / t['heatmaps']:.1f} patches/s over the stage, "
+            f"{patches['classified'] / run['heatmap_model_s']:.1f} classified patches/s in the model; "
+            f"peak RSS {run['peak_rss_mb']:.0f} MB"
+        )
+        d = run["deviation"]
+        print(
+            f"[{mode}] largest deviation from the reference: heatmap 8x8 block means {d['heatmap_block8_max']:.2e}, "
+            f"cancer predictions {d['cancer_max']:.2e}, density probabilities {d['density_max']:.2e}"
+        )
+    if "bf16" in runs:
+        print(
+            f"bf16 mode is {runs['fp32']['timing_s']['total'] / runs['bf16']['timing_s']['total']:.2f}x "
+            "faster than fp32"
+        )
+    print("raw patch-model throughput (patches/s): " + ", ".join(f"{k} {v:.1f}" for k, v in raw.items()))
+    print(
+        "reference raw throughput of the original (batch 64): fp32 NCHW "
+        f"{original['raw_patch_model_fp32_patches_per_s']}, channels-last "
+        f"{original['raw_patch_model_fp32_channels_last_patches_per_s']}, bf16 autocast "
+        f"{original['raw_patch_model_bf16_autocast_patches_per_s']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
