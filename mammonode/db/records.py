@@ -61,11 +61,13 @@ def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(Study).values(**values).on_conflict_do_nothing(index_elements=["study_instance_uid"])
-    session.execute(stmt)
+    created = session.execute(stmt).rowcount == 1
     query = select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
     if dialect == "postgresql":
         query = query.with_for_update()
-    return session.execute(query).scalar_one()
+    study = session.execute(query).scalar_one()
+    study._mammonode_created = created
+    return study
 
 
 def selection(instances: list[Instance]) -> dict[str, Instance]:
@@ -101,11 +103,13 @@ def record_event(
     session.add(Event(level=level, kind=kind, message=message, study_instance_uid=study_uid, seconds=seconds))
 
 
-def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome, str | None]:
-    """Insert or update the instance row and move its study's state. Returns the outcome
-    and, when a different object replaced an older one, the older file's path."""
+def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome, str | None, str | None]:
+    """Insert or update the instance row and move its study's state. Returns the outcome,
+    the older file's path when a different object replaced an older one, and the study's
+    state transition (for the log) if there was one."""
     now = utcnow()
     study = _upsert_study(session, meta, now)
+    before = None if getattr(study, "_mammonode_created", False) else study.state
     for field in ("patient_id", "patient_name", "accession_number", "study_date"):
         if getattr(study, field) is None and getattr(meta, field) is not None:
             setattr(study, field, getattr(meta, field))
@@ -114,7 +118,7 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
     ).scalar_one_or_none()
     replaced_path = None
     if existing is not None and existing.sha256 == meta.sha256:
-        return RecordOutcome.DUPLICATE, None
+        return RecordOutcome.DUPLICATE, None, None
     fields = {
         k: getattr(meta, k)
         for k in (
@@ -156,7 +160,13 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
     study.last_instance_at = now
     study.updated_at = now
     refresh_selection(session, study)
-    return outcome, replaced_path
+    if before is None:
+        transition = "new study, receiving"
+    elif before != study.state:
+        transition = f"{before} -> {study.state} (new inputs)"
+    else:
+        transition = None
+    return outcome, replaced_path, transition
 
 
 def refresh_selection(session: Session, study: Study) -> bool:

@@ -36,6 +36,15 @@ class DensityCall:
     probabilities: list[float]
 
 
+def model_identity(result: PipelineResult) -> str:
+    """One line naming every model that ran, with its weights' checksum and status."""
+    parts = [f"mammonode {result.software_version}"]
+    for name, prov in result.models.items():
+        flag = "TEST WEIGHTS" if prov.test_weights else ("verified" if prov.verified else "unverified")
+        parts.append(f"{MODEL_TITLES[name]} sha256:{prov.sha256[:16]} {flag}")
+    return "; ".join(parts)
+
+
 def malignancy_score(result: PipelineResult, side: str) -> float | None:
     """The derived score: the mean malignant probability over the cancer models that ran
     (the ensemble the NYU authors report averages the image-only and image+heatmaps models)."""

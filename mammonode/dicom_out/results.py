@@ -15,7 +15,7 @@ from sqlalchemy import select
 from mammonode.config import Config
 from mammonode.db.models import Delivery, DeliveryState, Instance, ResultObject, Study
 from mammonode.db.session import Database
-from mammonode.dicom_out.content import density_lines, score_table
+from mammonode.dicom_out.content import density_lines, model_identity, score_table
 from mammonode.dicom_out.render import NOT_FOR_DIAGNOSIS, TEST_NOTICE_BURNED, summary_image
 from mammonode.dicom_out.secondary_capture import SourceImage, heatmap_sc, overlay_pixels, summary_sc
 from mammonode.dicom_out.sr import build_sr
@@ -63,6 +63,7 @@ def build_objects(
             sop_uid = stable_uid(study_uid, selection_key, f"sc-{kind}-{view}")
             pixels = overlay_pixels(result, sources[view], kind)
             sc = heatmap_sc(sources[view], pixels, kind, series_uid, sop_uid, number)
+            sc.ImageComments = model_identity(result)
             objects.append(BuiltObject(kind=f"sc-{kind}-{view}", dataset=sc))
             if kind == "malignant":
                 panels[view] = pixels
@@ -75,6 +76,7 @@ def build_objects(
         stable_uid(study_uid, selection_key, "series-summary"),
         stable_uid(study_uid, selection_key, "summary"),
     )
+    summary.ImageComments = model_identity(result)
     objects.append(BuiltObject(kind="summary", dataset=summary))
     produced = [o.dataset for o in objects]
     sr = build_sr(

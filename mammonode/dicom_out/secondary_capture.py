@@ -63,7 +63,6 @@ def _orientation(ds: Dataset) -> list[str] | None:
 def _finish(sc: Dataset, description: str, derived_from: list[Dataset]) -> Dataset:
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = description
-    sc.ImageComments = f"mammonode {__version__}; " + "; ".join(sorted(MODEL_TITLES.values()))[:10000]
     sc.SoftwareVersions = __version__
     sc.DerivationDescription = "AI result rendered by mammonode; not for primary diagnosis"
     refs = []

@@ -236,7 +236,7 @@ def ingest(
             temp.unlink()
         try:
             with db.session() as session:
-                outcome, replaced_path = record_instance(session, meta)
+                outcome, replaced_path, transition = record_instance(session, meta)
         except SQLAlchemyError as exc:
             if not already:
                 final.unlink(missing_ok=True)
@@ -244,6 +244,10 @@ def ingest(
             raise StoreError(OUT_OF_RESOURCES_DB, "database unavailable, not stored") from exc
         if replaced_path and replaced_path != meta.path:
             (storage_dir / replaced_path).unlink(missing_ok=True)
+        if transition:
+            log.info("study %s: %s", study_uid, transition)
+        if outcome == RecordOutcome.REPLACED:
+            log.warning("instance %s of study %s replaced by a different object", sop_uid, study_uid)
         return IngestResult(outcome=outcome, study_instance_uid=study_uid, sop_instance_uid=sop_uid, path=final)
     except OSError as exc:
         temp.unlink(missing_ok=True)
