@@ -36,6 +36,29 @@ def send_all(port: int, exams: list[list[Path]], called: str) -> list[float]:
     return durations
 
 
+def stow_all(port: int, exams: list[list[Path]]) -> list[float]:
+    """One STOW-RS request (multipart/related, the four instances) per send."""
+    import urllib.request
+    import uuid
+
+    durations = []
+    for files in exams:
+        boundary = uuid.uuid4().hex
+        body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes()
+                        + b"\r\n" for f in files) + f"--{boundary}--\r\n".encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/dicomweb/studies", data=body, method="POST",
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                     "Accept": "application/dicom+json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=300) as response:
+            if response.status != 200:
+                sys.exit(f"STOW-RS answered {response.status}")
+            response.read()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
 def report(name: str, durations: list[float], exams: list[list[Path]]) -> dict:
     total = sum(durations)
     size = sum(f.stat().st_size for files in exams for f in files) / 1e6
@@ -77,19 +100,26 @@ def main() -> None:
         finally:
             scp.terminate()
             scp.wait()
-        # mammonode serve (receiving only).
-        port = free_port()
-        config = write_config(tmp / "config.toml", port, tmp / "storage")
-        node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)], cwd=REPO)
-        wait_port(port)
-        try:
-            node_times = send_all(port, exams, "MAMMONODE")
-        finally:
-            node.terminate()
-            node.wait()
-        print(f"storescu -> receiver, {args.sends} sends of the density exam, one association per send")
+        # mammonode serve (receiving only), C-STORE then STOW-RS (fresh storage each).
+        runs = {}
+        for mode in ("dimse", "stow"):
+            port, web_port = free_port(), free_port()
+            config = write_config(tmp / f"{mode}.toml", port, tmp / f"storage-{mode}",
+                                  f'[dicomweb]\nhost = "127.0.0.1"\nport = {web_port}\n')
+            node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)],
+                                    cwd=REPO)
+            wait_port(port)
+            wait_port(web_port)
+            try:
+                runs[mode] = send_all(port, exams, "MAMMONODE") if mode == "dimse" else stow_all(web_port, exams)
+            finally:
+                node.terminate()
+                node.wait()
+        print(f"{args.sends} sends of the density exam: storescu (one association per send) or one STOW-RS "
+              "request per send; mammonode fsyncs each file and commits each instance to SQLite before answering")
         report("DCMTK storescp", scp_times, exams)
-        report("mammonode (fsync + sqlite)", node_times, exams)
+        report("mammonode C-STORE", runs["dimse"], exams)
+        report("mammonode STOW-RS (HTTP)", runs["stow"], exams)
 
 
 if __name__ == "__main__":

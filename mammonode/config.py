@@ -46,6 +46,17 @@ class NodeSection:
 
 
 @dataclass
+class DicomwebSection:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 8080
+    token: str = ""  # when set, every request needs "Authorization: Bearer <token>"
+    tls_cert: str = ""
+    tls_key: str = ""
+    base_url: str = ""  # public URL of this service for RetrieveURL; empty: from the request
+
+
+@dataclass
 class StorageSection:
     directory: str = "/var/lib/mammonode"
 
@@ -94,12 +105,20 @@ class DeliverySection:
 
 @dataclass
 class Destination:
+    """A DIMSE peer (ae_title, host, port) or, when ``url`` is set, a STOW-RS service."""
+
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False
     calling_ae_title: str = ""
+    url: str = ""  # e.g. https://pacs.example.org/dicom-web ; results go to <url>/studies
+    token: str = ""  # bearer token for the STOW-RS destination
+
+    @property
+    def kind(self) -> str:
+        return "dicomweb" if self.url else "dimse"
 
 
 @dataclass
@@ -111,6 +130,7 @@ class LoggingSection:
 
 _SECTIONS = {
     "node": NodeSection,
+    "dicomweb": DicomwebSection,
     "storage": StorageSection,
     "database": DatabaseSection,
     "study": StudySection,
@@ -124,6 +144,7 @@ _SECTIONS = {
 @dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
+    dicomweb: DicomwebSection = field(default_factory=DicomwebSection)
     storage: StorageSection = field(default_factory=StorageSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
     study: StudySection = field(default_factory=StudySection)
@@ -212,18 +233,23 @@ def _destination(raw: Any, index: int) -> Destination:
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
-    for key in ("name", "ae_title", "host", "port"):
+    required = ("name", "url") if "url" in raw else ("name", "ae_title", "host", "port")
+    for key in required:
         if key not in raw:
             raise ConfigError(f"{where}.{key}: missing")
     dest = Destination(
         name=_coerce(raw["name"], "", f"{where}.name"),
-        ae_title=_ae_title(raw["ae_title"], f"{where}.ae_title"),
-        host=_coerce(raw["host"], "", f"{where}.host"),
-        port=_coerce(raw["port"], 0, f"{where}.port"),
+        ae_title=_ae_title(raw["ae_title"], f"{where}.ae_title") if "ae_title" in raw else "",
+        host=_coerce(raw.get("host", ""), "", f"{where}.host"),
+        port=_coerce(raw.get("port", 0), 0, f"{where}.port"),
         tls=_coerce(raw.get("tls", False), False, f"{where}.tls"),
         calling_ae_title=_coerce(raw.get("calling_ae_title", ""), "", f"{where}.calling_ae_title"),
+        url=_coerce(raw.get("url", ""), "", f"{where}.url"),
+        token=_coerce(raw.get("token", ""), "", f"{where}.token"),
     )
-    if not 1 <= dest.port <= 65535:
+    if dest.url and not re.match(r"^https?://", dest.url):
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {dest.url!r}")
+    if not dest.url and not 1 <= dest.port <= 65535:
         raise ConfigError(f"{where}.port: must be 1-65535, got {dest.port}")
     if dest.calling_ae_title:
         _ae_title(dest.calling_ae_title, f"{where}.calling_ae_title")
@@ -240,6 +266,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"node.port: must be 0-65535, got {cfg.node.port}")
     if cfg.node.max_associations < 1:
         raise ConfigError("node.max_associations: must be at least 1")
+    if not 0 <= cfg.dicomweb.port <= 65535:
+        raise ConfigError(f"dicomweb.port: must be 0-65535, got {cfg.dicomweb.port}")
+    if bool(cfg.dicomweb.tls_cert) != bool(cfg.dicomweb.tls_key):
+        raise ConfigError("dicomweb.tls_key: tls_cert and tls_key go together")
     if cfg.node.tls and not (cfg.node.tls_cert and cfg.node.tls_key):
         raise ConfigError("node.tls_cert: required (with node.tls_key) when node.tls = true")
     if not cfg.storage.directory:

@@ -13,6 +13,7 @@ import time
 from mammonode.config import Config
 from mammonode.db import assembly, open_database
 from mammonode.dicom_out.delivery import DeliverySender
+from mammonode.metrics import METRICS
 from mammonode.scp.dimse import DimseListener
 from mammonode.scp.storage import recover
 from mammonode.worker import PipelineWorker
@@ -29,6 +30,12 @@ class Node:
         run_workers = cfg.worker.enabled if workers is None else workers
         self.workers = [PipelineWorker(cfg, self.db) for _ in range(cfg.worker.concurrency)] if run_workers else []
         self.sender = DeliverySender(cfg, self.db)
+        self.web = None
+        if cfg.dicomweb.enabled:
+            from mammonode.scp.dicomweb import DicomWebServer
+
+            self.web = DicomWebServer(cfg, self.db)
+        METRICS.attach_database(self.db)
         self.threads: list[threading.Thread] = []
 
     def _assembler(self) -> None:
@@ -49,6 +56,8 @@ class Node:
         if any(removed.values()):
             log.warning("start-up recovery removed %s", removed)
         self.listener.start()
+        if self.web is not None:
+            self.web.start()
         targets = [("assembler", self._assembler), ("sender", self.sender.run)]
         targets += [(f"worker-{i}", w.run) for i, w in enumerate(self.workers)]
         for name, target in targets:
@@ -59,6 +68,8 @@ class Node:
     def stop(self) -> None:
         log.info("stopping: no new associations, letting in-flight transfers finish")
         self.listener.stop()
+        if self.web is not None:
+            self.web.stop()
         self.stop_event.set()
         for worker in self.workers:
             worker.stop()

@@ -87,6 +87,9 @@ class PipelineWorker:
         result = run_pipeline(
             inputs["prepared"], pipeline_options(self.cfg, self.device), {"prepare": inputs["prepare_s"]}
         )
+        from mammonode.metrics import METRICS
+
+        METRICS.observe_job(result.timing_s)
         stored = store_results(self.cfg, self.db, claimed, study, chosen, result, inputs["prepared"])
         with self.db.session() as session:
             if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict()):

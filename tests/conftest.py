@@ -129,14 +129,17 @@ class NodeProcess:
         storage: Path | None = None,
         database_url: str = "",
         delivery: dict | None = None,
+        dicomweb: dict | None = None,
     ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.web_port = free_port()
         self.storage = storage or tmp / "storage"
         self.log_path = tmp / "node.log"
         sections = {
             "node": {"ae_title": "MAMMONODE", "host": "127.0.0.1", "port": self.port, **(node or {})},
+            "dicomweb": {"host": "127.0.0.1", "port": self.web_port, **(dicomweb or {})},
             "storage": {"directory": str(self.storage)},
             "database": {"url": database_url},
             "study": {"quiet_period_s": 1.0, "incomplete_timeout_s": 600.0, **(study or {})},

@@ -117,5 +117,5 @@ def test_repository_config_file_is_the_defaults():
 
     shipped = load_config(Path(__file__).resolve().parents[1] / "config.toml", environ={})
     defaults = Config()
-    for section in ("node", "storage", "database", "study", "pipeline", "worker", "delivery", "logging"):
+    for section in ("node", "dicomweb", "storage", "database", "study", "pipeline", "worker", "delivery", "logging"):
         assert getattr(shipped, section) == getattr(defaults, section), section

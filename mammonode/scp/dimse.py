@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification
 
 from mammonode.config import Config
 from mammonode.db.session import Database
+from mammonode.metrics import METRICS
 from mammonode.scp.storage import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreError, ingest
 
 log = logging.getLogger("mammonode.dimse")
@@ -102,6 +103,7 @@ class DimseListener:
                 expected_sop_class=str(request.AffectedSOPClassUID),
             )
         except StoreError as exc:
+            METRICS.instances.labels(str(request.AffectedSOPClassUID), "failed", "dimse").inc()
             with self._stats_lock:
                 self.stats["failed"] += 1
             log.warning("C-STORE refused: status 0x%04X %s (calling AE %s)", exc.status, exc.comment, calling)
@@ -111,6 +113,7 @@ class DimseListener:
                 self.stats["failed"] += 1
             log.exception("C-STORE failed unexpectedly")
             return _status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
+        METRICS.instances.labels(str(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
         with self._stats_lock:
             self.stats["duplicates" if result.outcome == "duplicate" else "stored"] += 1
         log.debug(
@@ -121,6 +124,8 @@ class DimseListener:
         return 0x0000
 
     def _handle_accepted(self, event) -> None:
+        METRICS.associations.labels("accepted").inc()
+        METRICS.active_associations.inc()
         with self._stats_lock:
             self.stats["associations"] += 1
         event.assoc._mammonode_start = event.assoc._mammonode_pdu = time.monotonic()
@@ -131,6 +136,8 @@ class DimseListener:
 
     def _handle_released(self, event, how: str) -> None:
         assoc = event.assoc
+        METRICS.active_associations.dec()
+        METRICS.associations.labels(how).inc()
         started = getattr(assoc, "_mammonode_start", None)
         seconds = time.monotonic() - started if started else 0.0
         log.info(
@@ -143,6 +150,7 @@ class DimseListener:
         )
 
     def _handle_rejected(self, event) -> None:
+        METRICS.associations.labels("rejected").inc()
         with self._stats_lock:
             self.stats["rejected"] += 1
         assoc = event.assoc
