@@ -52,7 +52,7 @@ class Node:
                 log.error("assembly tick failed: %s", type(exc).__name__)
 
     def start(self) -> None:
-        removed = recover(self.cfg.storage_dir, self.db)
+        removed = recover(self.cfg.storage_dir, self.db, min_age_s=0.0 if self.db.sqlite else 600.0)
         if any(removed.values()):
             log.warning("start-up recovery removed %s", removed)
         self.listener.start()

@@ -259,16 +259,30 @@ def ingest(
         raise StoreError(OUT_OF_RESOURCES, f"{reason}, not stored") from exc
 
 
-def recover(storage_dir: Path, db: Database) -> dict[str, int]:
+def recover(storage_dir: Path, db: Database, min_age_s: float = 0.0) -> dict[str, int]:
     """At start-up: remove temporary files and instance files no row refers to (a crash
-    between rename and commit; the sender got no success and will send again)."""
+    between rename and commit; the sender got no success and will send again).
+
+    When several listeners share the storage directory (PostgreSQL scale-out) another one
+    may be between rename and commit right now, so only files older than ``min_age_s``
+    are touched."""
+    import time
+
     from mammonode.db.records import known_paths
 
     removed_tmp = removed_orphans = 0
+    limit = time.time() - min_age_s
+
+    def old(path: Path) -> bool:
+        try:
+            return path.stat().st_mtime <= limit
+        except FileNotFoundError:
+            return False
+
     tmp_dir = storage_dir / "tmp"
     if tmp_dir.is_dir():
         for item in tmp_dir.iterdir():
-            if item.is_file():
+            if item.is_file() and old(item):
                 item.unlink(missing_ok=True)
                 removed_tmp += 1
     instances = storage_dir / "instances"
@@ -278,7 +292,7 @@ def recover(storage_dir: Path, db: Database) -> dict[str, int]:
         for root, _dirs, files in os.walk(instances):
             for name in files:
                 rel = str((Path(root) / name).relative_to(storage_dir))
-                if rel not in known:
+                if rel not in known and old(Path(root) / name):
                     (Path(root) / name).unlink(missing_ok=True)
                     removed_orphans += 1
     return {"temporary_files": removed_tmp, "orphan_files": removed_orphans}
