@@ -14,7 +14,6 @@ import threading
 import time
 import traceback
 import uuid
-from pathlib import Path
 
 from sqlalchemy import select
 
@@ -74,8 +73,11 @@ class PipelineWorker:
         for view in VIEWS:
             inst = chosen[view]
             path = self.cfg.storage_dir / inst.path
-            ds = read_dicom(path)
-            prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid)
+            try:
+                ds = read_dicom(path)
+                prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid)
+            except ImageInputError as exc:
+                raise ImageInputError(f"{view}: {exc}", view=view) from exc
             prepared[view].study_instance_uid = study.study_instance_uid
         return {"prepared": prepared, "prepare_s": time.perf_counter() - start}, study, chosen
 
@@ -126,14 +128,10 @@ class PipelineWorker:
         except (ImageInputError, WeightsError) as exc:
             log.error("job %s failed: %s", claimed.job_id, exc)
             with self.db.session() as session:
-                jobs.fail(
-                    session,
-                    claimed.job_id,
-                    self.id,
-                    f"{type(exc).__name__}: {exc}",
-                    self.cfg.worker.max_attempts,
-                    permanent=True,
-                )
+                jobs.fail(session, claimed.job_id, self.id, f"{type(exc).__name__}: {exc}",
+                          self.cfg.worker.max_attempts, permanent=True)
+                if isinstance(exc, ImageInputError) and exc.view is not None:
+                    flag_unusable(session, claimed, exc.view, str(exc))
         except Exception as exc:
             log.error("job %s failed: %s\n%s", claimed.job_id, exc, traceback.format_exc(limit=5))
             with self.db.session() as session:
@@ -172,5 +170,20 @@ class PipelineWorker:
             log.warning("could not release job %s at shutdown: %s", job, type(exc).__name__)
 
 
-def weights_dir_exists(cfg: Config) -> bool:
-    return Path(cfg.weights_dir).is_dir()
+def flag_unusable(session, claimed: jobs.ClaimedJob, view: str, reason: str) -> None:
+    """An input that cannot be read or has no breast in it is taken out of the selection, so
+    the study runs again with another image of that view or waits for one (and then shows
+    up as incomplete), instead of failing the same way forever."""
+    from mammonode.db.records import record_event, refresh_selection
+
+    study = session.get(Study, claimed.study_id)
+    instances = list(session.execute(select(Instance).where(Instance.study_id == study.id)).scalars())
+    chosen = selection(instances).get(view)
+    if chosen is None:
+        return
+    chosen.usable = False
+    chosen.reason = f"not usable as pipeline input: {reason}"[:1000]
+    session.flush()
+    record_event(session, "ERROR", "instance-unusable", f"{view} instance {chosen.sop_instance_uid}: {reason}",
+                 study.study_instance_uid)
+    refresh_selection(session, study)

@@ -25,6 +25,10 @@ from mammonode.views import laterality
 class ImageInputError(ValueError):
     """An input image cannot be used (undecodable, not grey-scale, wrong shape, ...)."""
 
+    def __init__(self, message: str, view: str | None = None):
+        super().__init__(message)
+        self.view = view
+
 
 @dataclass
 class PreparedView:

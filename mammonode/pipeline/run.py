@@ -199,7 +199,10 @@ def run_pipeline(
     crops: dict[str, np.ndarray] = {}
     for view in VIEWS:
         p = prepared[view]
-        info = crop_breast(p.image, facing_right=laterality(view) == "L")
+        try:
+            info = crop_breast(p.image, facing_right=laterality(view) == "L")
+        except ImageInputError as exc:
+            raise ImageInputError(f"{view}: {exc}", view=view) from exc
         top, bottom, left, right = info.window_location
         cropped = p.image[top:bottom, left:right]
         if laterality(view) == "R":
