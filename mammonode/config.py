@@ -39,6 +39,7 @@ class NodeSection:
     max_associations: int = 16
     max_pdu: int = 0  # 0: unlimited
     network_timeout_s: float = 60.0
+    acse_timeout_s: float = 5.0
     tls: bool = False
     tls_cert: str = ""
     tls_key: str = ""

@@ -65,7 +65,9 @@ class DimseListener:
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu
         ae.network_timeout = node.network_timeout_s
-        ae.acse_timeout = 30
+        # A connection that never sends an A-ASSOCIATE-RQ (a load balancer's TCP health check)
+        # holds one of the max_associations slots until this expires; real peers ask at once.
+        ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.network_timeout_s
         ae.require_called_aet = node.require_called_aet
         ae.require_calling_aet = list(node.allowed_calling_aets)
