@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(port)
+from mammonode.netutil import free_port, wait_port  # noqa: E402,F401  (re-exported)
 
 
 def tool(name: str) -> str:
@@ -36,31 +21,22 @@ def tool(name: str) -> str:
     return path
 
 
-def make_exams(target: Path, count: int) -> list[list[Path]]:
-    """``count`` copies of the density exam with distinct UIDs (../shared/tools/mgdicom.py)."""
-    pngs = SHARED / "samples" / "png" / "density-exam"
+def make_exams(target: Path, count: int, pngs: Path | None = None, key: str = "bench") -> list[list[Path]]:
+    """``count`` distinct four-view studies (../shared/tools/mgdicom.py --key) from the density
+    exam PNGs (or the grey PNGs in ``pngs``, named by view), the right views stored mirrored
+    as in the original PNGs, with Patient Orientation saying so."""
+    pngs = pngs or SHARED / "samples" / "png" / "density-exam"
     exams = []
     for i in range(count):
-        folder = target / f"exam{i:03d}"
+        folder = target / f"{key}{i:03d}"
         if not folder.exists():
             views = []
             for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
                 views += ["--view", f"{view}={pngs / (view + '.png')}"]
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(SHARED / "tools" / "mgdicom.py"),
-                    str(folder),
-                    *views,
-                    "--bits-from-8",
-                    "--key",
-                    f"bench-{i}",
-                    "--patient-id",
-                    f"BENCH{i:04d}",
-                ],
-                check=True,
-                capture_output=True,
-            )
+            command = [sys.executable, str(SHARED / "tools" / "mgdicom.py"), str(folder), *views, "--bits-from-8",
+                       "--key", f"{key}-{i}", "--patient-id", f"{key.upper()}{i:04d}", "--mirror", "R-CC",
+                       "--mirror", "R-MLO"]
+            subprocess.run(command, check=True, capture_output=True)
         exams.append(sorted(folder.glob("*.dcm")))
     return exams
 

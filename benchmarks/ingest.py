@@ -44,12 +44,22 @@ def stow_all(port: int, exams: list[list[Path]]) -> list[float]:
     durations = []
     for files in exams:
         boundary = uuid.uuid4().hex
-        body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes()
-                        + b"\r\n" for f in files) + f"--{boundary}--\r\n".encode()
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
+                for f in files
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/dicomweb/studies", data=body, method="POST",
-            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                     "Accept": "application/dicom+json"})
+            f"http://127.0.0.1:{port}/dicomweb/studies",
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Accept": "application/dicom+json",
+            },
+        )
         start = time.perf_counter()
         with urllib.request.urlopen(request, timeout=300) as response:
             if response.status != 200:
@@ -104,10 +114,13 @@ def main() -> None:
         runs = {}
         for mode in ("dimse", "stow"):
             port, web_port = free_port(), free_port()
-            config = write_config(tmp / f"{mode}.toml", port, tmp / f"storage-{mode}",
-                                  f'[dicomweb]\nhost = "127.0.0.1"\nport = {web_port}\n')
-            node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)],
-                                    cwd=REPO)
+            config = write_config(
+                tmp / f"{mode}.toml",
+                port,
+                tmp / f"storage-{mode}",
+                f'[dicomweb]\nhost = "127.0.0.1"\nport = {web_port}\n',
+            )
+            node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)], cwd=REPO)
             wait_port(port)
             wait_port(web_port)
             try:
@@ -115,8 +128,10 @@ def main() -> None:
             finally:
                 node.terminate()
                 node.wait()
-        print(f"{args.sends} sends of the density exam: storescu (one association per send) or one STOW-RS "
-              "request per send; mammonode fsyncs each file and commits each instance to SQLite before answering")
+        print(
+            f"{args.sends} sends of the density exam: storescu (one association per send) or one STOW-RS "
+            "request per send; mammonode fsyncs each file and commits each instance to SQLite before answering"
+        )
         report("DCMTK storescp", scp_times, exams)
         report("mammonode C-STORE", runs["dimse"], exams)
         report("mammonode STOW-RS (HTTP)", runs["stow"], exams)

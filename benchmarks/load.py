@@ -56,14 +56,15 @@ def main() -> None:
         tmp = Path(tmp)
         exams = make_exams(tmp / "exams", args.senders * args.studies_per_sender)
         port, web = free_port(), free_port()
-        config = write_config(tmp / "config.toml", port, tmp / "storage",
-                              f'[dicomweb]\nhost = "127.0.0.1"\nport = {web}\n')
+        config = write_config(
+            tmp / "config.toml", port, tmp / "storage", f'[dicomweb]\nhost = "127.0.0.1"\nport = {web}\n'
+        )
         node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)], cwd=REPO)
         wait_port(port)
         time.sleep(6)  # let the start-up probe's half-open connection time out
         latencies: list[float] = []
         failures: list[str] = []
-        groups = [[f for exam in exams[i::args.senders] for f in exam] for i in range(args.senders)]
+        groups = [[f for exam in exams[i :: args.senders] for f in exam] for i in range(args.senders)]
         threads = [threading.Thread(target=sender, args=(port, g, latencies, failures)) for g in groups]
         start = time.perf_counter()
         for t in threads:
@@ -81,11 +82,15 @@ def main() -> None:
     count = len(latencies)
     latencies.sort()
     p99 = latencies[min(count - 1, int(round(0.99 * (count - 1))))]
-    print(f"{args.senders} concurrent senders x {args.studies_per_sender} studies: {count} instances, "
-          f"{size:.0f} MB in {elapsed:.1f} s")
-    print(f"{count / elapsed:.2f} instances/s, {size / elapsed:.1f} MB/s, C-STORE latency p50 "
-          f"{statistics.median(latencies):.3f} s, p99 {p99:.3f} s; listener peak RSS {peak:.0f} MB; "
-          f"failures {len(failures)}")
+    print(
+        f"{args.senders} concurrent senders x {args.studies_per_sender} studies: {count} instances, "
+        f"{size:.0f} MB in {elapsed:.1f} s"
+    )
+    print(
+        f"{count / elapsed:.2f} instances/s, {size / elapsed:.1f} MB/s, C-STORE latency p50 "
+        f"{statistics.median(latencies):.3f} s, p99 {p99:.3f} s; listener peak RSS {peak:.0f} MB; "
+        f"failures {len(failures)}"
+    )
 
 
 if __name__ == "__main__":

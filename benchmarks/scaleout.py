@@ -46,7 +46,7 @@ port = {port}
 host = "127.0.0.1"
 port = {web}
 [storage]
-directory = "{tmp / 'storage'}"
+directory = "{tmp / "storage"}"
 [database]
 url = "{server.url}"
 [study]
@@ -80,8 +80,12 @@ level = "WARNING"
 
         while count("queued") < studies:
             time.sleep(0.2)
-        procs = [subprocess.Popen([sys.executable, "-m", "mammonode.cli", "worker", "--config", str(config),
-                                   "--device", "cpu"], cwd=REPO) for _ in range(workers)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "mammonode.cli", "worker", "--config", str(config), "--device", "cpu"], cwd=REPO
+            )
+            for _ in range(workers)
+        ]
         start = time.perf_counter()
         while count("done") < studies:
             time.sleep(0.2)

@@ -48,6 +48,16 @@ def _db(cfg: Config):
     return open_database(cfg)
 
 
+def _study_or_exit(session, uid: str):
+    from mammonode.db.queries import find_study
+
+    found = find_study(session, uid)
+    if found is None:
+        err.print(f"no study {uid}")
+        raise typer.Exit(1)
+    return found
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -166,13 +176,10 @@ def study(
 ) -> None:
     """One study: instances and view assignments, jobs, results and deliveries."""
     cfg = _config(config)
-    from mammonode.db.queries import find_study, study_detail
+    from mammonode.db.queries import study_detail
 
     with _db(cfg).session() as session:
-        found = find_study(session, uid)
-        if found is None:
-            err.print(f"no study {uid}")
-            raise typer.Exit(1)
+        found = _study_or_exit(session, uid)
         data = study_detail(session, found, cfg.study.quiet_period_s, show_phi)
     if as_json:
         _print_json(data)
@@ -204,14 +211,10 @@ def retry(
 ) -> None:
     """Re-send failed deliveries and re-queue a failed study."""
     cfg = _config(config)
-    from mammonode.db.queries import find_study
     from mammonode.db.queries import retry as retry_action
 
     with _db(cfg).session() as session:
-        found = find_study(session, uid)
-        if found is None:
-            err.print(f"no study {uid}")
-            raise typer.Exit(1)
+        found = _study_or_exit(session, uid)
         try:
             data = retry_action(session, found, force)
         except ValueError as exc:

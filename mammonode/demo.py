@@ -11,7 +11,6 @@ heatmaps and the image+heatmaps model (several minutes on a 2-core CPU).
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +19,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
 from mammonode.config import Config, Destination
+from mammonode.netutil import free_port
 from mammonode.pipeline.weights import ALL_MODELS, model_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAM = REPO.parent / "shared" / "samples" / "dicom" / "density-exam"
 FAST_MODELS = ["image_only", "density_histogram", "density_cnn"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MiniPacs:

@@ -128,8 +128,14 @@ class PipelineWorker:
         except (ImageInputError, WeightsError) as exc:
             log.error("job %s failed: %s", claimed.job_id, exc)
             with self.db.session() as session:
-                jobs.fail(session, claimed.job_id, self.id, f"{type(exc).__name__}: {exc}",
-                          self.cfg.worker.max_attempts, permanent=True)
+                jobs.fail(
+                    session,
+                    claimed.job_id,
+                    self.id,
+                    f"{type(exc).__name__}: {exc}",
+                    self.cfg.worker.max_attempts,
+                    permanent=True,
+                )
                 if isinstance(exc, ImageInputError) and exc.view is not None:
                     flag_unusable(session, claimed, exc.view, str(exc))
         except Exception as exc:
@@ -184,6 +190,11 @@ def flag_unusable(session, claimed: jobs.ClaimedJob, view: str, reason: str) -> 
     chosen.usable = False
     chosen.reason = f"not usable as pipeline input: {reason}"[:1000]
     session.flush()
-    record_event(session, "ERROR", "instance-unusable", f"{view} instance {chosen.sop_instance_uid}: {reason}",
-                 study.study_instance_uid)
+    record_event(
+        session,
+        "ERROR",
+        "instance-unusable",
+        f"{view} instance {chosen.sop_instance_uid}: {reason}",
+        study.study_instance_uid,
+    )
     refresh_selection(session, study)

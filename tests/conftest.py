@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mammonode.netutil import free_port, wait_port  # noqa: F401  (re-exported to the tests)
 from mammonode.views import VIEWS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,22 +54,6 @@ def reference() -> dict:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def toml_value(value) -> str:
@@ -244,6 +228,25 @@ def storescu(
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def send_datasets(port: int, datasets, calling: str = "TESTSCU", timeout: float = 60) -> list[int | None]:
+    """C-STORE each data set over one pynetdicom association; the statuses (None: no answer)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.dimse_timeout = timeout
+    for sop in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(sop, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
+    assert assoc.is_established
+    out = []
+    for ds in datasets:
+        status = assoc.send_c_store(ds)
+        out.append(int(status.Status) if status is not None and "Status" in status else None)
+    assoc.release()
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,26 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli, cli_json, free_port
+from conftest import REPO, cli, cli_json, free_port, send_datasets
 from peers import StoreSCP
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 
 from mammonode.phantom import exam_datasets
 from mammonode.testweights import generate
 
 pytestmark = pytest.mark.network
-
-
-def send(port: int, datasets) -> list[int]:
-    ae = AE(ae_title="ADMINSCU")
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    assoc.release()
-    return statuses
 
 
 @pytest.fixture
@@ -36,7 +23,7 @@ def histogram_weights(tmp_path):
 def test_duplicate_is_idempotent_and_a_different_object_replaces(node_factory):
     node = node_factory(worker={"enabled": False}).start()
     [first] = exam_datasets(shape=(400, 300))[:1]
-    assert send(node.port, [first, first]) == [0, 0]
+    assert send_datasets(node.port, [first, first]) == [0, 0]
     uid = str(first.StudyInstanceUID)
     detail = node.study(uid)
     assert len(detail["instances"]) == 1 and detail["instances"][0]["revisions"] == 0
@@ -45,7 +32,7 @@ def test_duplicate_is_idempotent_and_a_different_object_replaces(node_factory):
     pixels = bytearray(changed.PixelData)
     pixels[1000] ^= 0xFF
     changed.PixelData = bytes(pixels)
-    assert send(node.port, [changed]) == [0]
+    assert send_datasets(node.port, [changed]) == [0]
     detail = node.study(uid)
     assert len(detail["instances"]) == 1 and detail["instances"][0]["revisions"] == 1
     files = list((node.storage / "instances").rglob("*.dcm"))
@@ -62,7 +49,7 @@ def test_failed_delivery_retry_and_purge(node_factory, tmp_path, histogram_weigh
         delivery={"max_attempts": 1},
     ).start()
     datasets = exam_datasets(shape=(600, 480))
-    assert send(node.port, datasets) == [0, 0, 0, 0]
+    assert send_datasets(node.port, datasets) == [0, 0, 0, 0]
     uid = str(datasets[0].StudyInstanceUID)
 
     def failed():
@@ -98,7 +85,7 @@ def test_separate_worker_process_runs_the_job(node_factory, histogram_weights):
         weights_dir=histogram_weights, pipeline={"models": ["density_histogram"]}, worker={"enabled": False}
     ).start()
     datasets = exam_datasets(shape=(600, 480))
-    assert send(node.port, datasets) == [0, 0, 0, 0]
+    assert send_datasets(node.port, datasets) == [0, 0, 0, 0]
     uid = str(datasets[0].StudyInstanceUID)
     node.wait_for(lambda: node.study(uid)["state"] == "queued", 30, what="queued")
     worker = subprocess.Popen(

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import cli, cli_json, need_shared, need_tool, storescu
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from conftest import cli, cli_json, need_shared, need_tool, send_datasets, storescu
 
 from mammonode.phantom import exam_datasets
 
@@ -99,16 +97,6 @@ def test_echo_and_calling_ae_allow_list(node_factory):
     assert node.proc.poll() is None
 
 
-def _send_dataset(port: int, ds) -> int:
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    status = assoc.send_c_store(ds)
-    assoc.release()
-    return int(status.Status)
-
-
 @pytest.mark.parametrize("bad_uid", ["../../x", "1.2." + "3" * 70, "1.2.abc.4", "1.2.3/../../etc"])
 def test_malicious_sop_instance_uid_is_refused(node_factory, tmp_path, bad_uid, monkeypatch):
     from pynetdicom import _config
@@ -120,7 +108,7 @@ def test_malicious_sop_instance_uid_is_refused(node_factory, tmp_path, bad_uid, 
     ds.SOPInstanceUID = bad_uid
     ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
     before = {p for p in tmp_path.rglob("*")}
-    status = _send_dataset(node.port, ds)
+    [status] = send_datasets(node.port, [ds])
     assert status != 0x0000 and (status >> 12) in (0xA, 0xC)
     after = {p for p in tmp_path.rglob("*")}
     # Nothing new outside the node's own directory (its log and database live there).

@@ -12,11 +12,9 @@ import time
 import psycopg
 import pydicom
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, send_datasets
 from peers import StoreSCP
 from pg import postgres  # noqa: F401  (fixture)
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 
 from mammonode.phantom import exam_datasets
 from mammonode.testweights import generate
@@ -25,23 +23,14 @@ pytestmark = [pytest.mark.postgres, pytest.mark.network]
 STUDIES = 20
 
 
-def _send(port: int, datasets) -> list[int]:
-    ae = AE(ae_title="SPLITSCU")
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    assoc.release()
-    return statuses
-
-
 def test_two_listeners_three_workers_each_study_once(postgres, node_factory, tmp_path):  # noqa: F811
     weights = generate(tmp_path / "weights", models=("density_histogram",))
     storage = tmp_path / "shared-storage"
     scp_port = free_port()
     common = dict(
-        weights_dir=weights, storage=storage, database_url=postgres.url,
+        weights_dir=weights,
+        storage=storage,
+        database_url=postgres.url,
         pipeline={"models": ["density_histogram"]},
         worker={"enabled": False, "stale_after_s": 6.0, "heartbeat_interval_s": 1.0},
         study={"quiet_period_s": 2.0},
@@ -49,17 +38,36 @@ def test_two_listeners_three_workers_each_study_once(postgres, node_factory, tmp
     )
     listeners = [node_factory(**common).start(), node_factory(**common).start()]
     scp = StoreSCP(tmp_path / "scp", scp_port).start()
-    workers = [subprocess.Popen([sys.executable, "-m", "mammonode.cli", "worker", "--config",
-                                 str(listeners[i % 2].config), "--device", "cpu"], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(3)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mammonode.cli",
+                "worker",
+                "--config",
+                str(listeners[i % 2].config),
+                "--device",
+                "cpu",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(3)
+    ]
     try:
         exams = [exam_datasets(patient_id=f"SCALE{i:03d}", shape=(600, 480)) for i in range(STUDIES)]
 
         def split(exam):
             # Half of each study's views to each listener, at the same time.
             results = {}
-            threads = [threading.Thread(target=lambda k=k, part=part: results.__setitem__(k, _send(
-                listeners[k].port, part))) for k, part in ((0, exam[:2]), (1, exam[2:]))]
+            threads = [
+                threading.Thread(
+                    target=lambda k=k, part=part: results.__setitem__(k, send_datasets(listeners[k].port, part))
+                )
+                for k, part in ((0, exam[:2]), (1, exam[2:]))
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -98,9 +106,12 @@ def test_two_listeners_three_workers_each_study_once(postgres, node_factory, tmp
 
         listeners[0].wait_for(finished, 300, interval=1, what="all studies processed and delivered")
         with psycopg.connect(postgres.url.replace("postgresql+psycopg", "postgresql")) as conn:
-            per_study = dict(conn.execute(
-                "select s.study_instance_uid, count(*) from jobs j join studies s on s.id = j.study_id "
-                "where j.state = 'done' group by s.study_instance_uid").fetchall())
+            per_study = dict(
+                conn.execute(
+                    "select s.study_instance_uid, count(*) from jobs j join studies s on s.id = j.study_id "
+                    "where j.state = 'done' group by s.study_instance_uid"
+                ).fetchall()
+            )
             views = conn.execute("select count(*) from instances where usable").fetchone()[0]
             retried = conn.execute("select count(*) from jobs where attempts > 1").fetchone()[0]
             results = [r[0] for r in conn.execute("select sop_instance_uid from result_objects")]

@@ -218,8 +218,9 @@ class DicomWeb:
         meta = getattr(ds, "file_meta", None) or Dataset()
         if "TransferSyntaxUID" not in meta:
             syntax = dict(p.strip().split("=", 1) for p in kind.split(";")[1:] if "=" in p).get("transfer-syntax")
-            meta.TransferSyntaxUID = syntax or (ImplicitVRLittleEndian if ds.original_encoding[0] else
-                                                ExplicitVRLittleEndian)
+            meta.TransferSyntaxUID = syntax or (
+                ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
+            )
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta = pydicom.dataset.FileMetaDataset(meta)

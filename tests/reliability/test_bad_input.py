@@ -170,8 +170,15 @@ def test_study_content_problems_are_stored_and_flagged(node_factory, tmp_path):
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
     sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.Modality = exam[0].StudyInstanceUID, generate_uid(), "SR"
-    extras = {"spot": spot, "contradictory": contradictory, "no laterality": no_laterality,
-              "for processing": processing, "second L-CC (newer)": second_lcc, "CT": ct, "SR": sr}
+    extras = {
+        "spot": spot,
+        "contradictory": contradictory,
+        "no laterality": no_laterality,
+        "for processing": processing,
+        "second L-CC (newer)": second_lcc,
+        "CT": ct,
+        "SR": sr,
+    }
     extra_paths = [save(ds, tmp_path / f"x{i}.dcm") for i, ds in enumerate(extras.values())]
     assert send_files(node.port, paths + extra_paths) == [0] * (len(paths) + len(extra_paths))
     uid = str(exam[0].StudyInstanceUID)
@@ -193,8 +200,11 @@ def test_study_content_problems_are_stored_and_flagged(node_factory, tmp_path):
 
 def test_undecodable_compressed_input_is_flagged_and_does_not_block(node_factory, tmp_path):
     weights = generate(tmp_path / "w", models=("density_histogram",))
-    node = node_factory(weights_dir=weights, pipeline={"models": ["density_histogram"]},
-                        study={"quiet_period_s": 1.0, "incomplete_timeout_s": 10.0}).start()
+    node = node_factory(
+        weights_dir=weights,
+        pipeline={"models": ["density_histogram"]},
+        study={"quiet_period_s": 1.0, "incomplete_timeout_s": 10.0},
+    ).start()
     broken_exam = exam_datasets(shape=(600, 480))
     broken = broken_exam[0]
     broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])  # a J2K marker, then nonsense
@@ -227,16 +237,20 @@ def test_fuzzed_data_sets_never_crash_or_get_false_success(node_factory, tmp_pat
     counter = {"n": 0}
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1, max_size=12),
-           st.one_of(st.none(), st.integers(132, len(raw))), st.booleans())
+    @given(
+        st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1, max_size=12),
+        st.one_of(st.none(), st.integers(132, len(raw))),
+        st.booleans(),
+    )
     def fuzz(flips, cut, fresh_uid):
         data = bytearray(raw)
         if fresh_uid:
             counter["n"] += 1
             uid = f"1.2.826.0.1.3680043.10.999.{counter['n']}".encode()
-            data = data.replace(str(template.SOPInstanceUID).encode(), uid.ljust(len(str(template.SOPInstanceUID)),
-                                                                                   b"\x00")[:len(str(
-                                                                                       template.SOPInstanceUID))])
+            data = data.replace(
+                str(template.SOPInstanceUID).encode(),
+                uid.ljust(len(str(template.SOPInstanceUID)), b"\x00")[: len(str(template.SOPInstanceUID))],
+            )
         for offset, value in flips:
             data[offset] = value
         if cut is not None:

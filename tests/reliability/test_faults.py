@@ -10,30 +10,13 @@ import time
 
 import pydicom
 import pytest
-from conftest import REPO, free_port, need_shared, need_tool
+from conftest import REPO, free_port, need_shared, need_tool, send_datasets
 from peers import StoreSCP
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 
 from mammonode.phantom import exam_datasets
 from mammonode.testweights import generate
 
 pytestmark = pytest.mark.network
-
-
-def _send(port, datasets, timeout=30):
-    ae = AE(ae_title="FAULTSCU")
-    ae.dimse_timeout = timeout
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMONODE")
-    assert assoc.is_established
-    out = []
-    for ds in datasets:
-        status = assoc.send_c_store(ds)
-        out.append(int(status.Status) if status is not None and "Status" in status else None)
-    assoc.release()
-    return out
 
 
 def _consistent(node) -> tuple[int, int]:
@@ -84,7 +67,7 @@ def test_worker_killed_mid_job_is_recovered_and_results_go_out_once(node_factory
     ).start()
     scp = StoreSCP(tmp_path / "scp", port).start()
     density = sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))
-    assert _send(node.port, [pydicom.dcmread(p) for p in density]) == [0, 0, 0, 0]
+    assert send_datasets(node.port, [pydicom.dcmread(p) for p in density]) == [0, 0, 0, 0]
     uid = str(pydicom.dcmread(density[0], stop_before_pixels=True).StudyInstanceUID)
 
     def worker():
@@ -134,13 +117,13 @@ def test_locked_database_refuses_instead_of_acknowledging(node_factory):
     lock = sqlite3.connect(node.storage / "mammonode.sqlite", timeout=1, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
-        [status] = _send(node.port, [ds], timeout=60)
+        [status] = send_datasets(node.port, [ds], timeout=60)
     finally:
         lock.execute("ROLLBACK")
         lock.close()
     assert status == 0xA701
     assert not list((node.storage / "instances").rglob("*.dcm")), "file kept although not recorded"
-    assert _send(node.port, [ds]) == [0]
+    assert send_datasets(node.port, [ds]) == [0]
     assert _consistent(node) == (1, 1)
 
 
@@ -157,10 +140,10 @@ def test_no_patient_name_or_id_in_logs(node_factory, tmp_path):
     try:
         datasets = exam_datasets(patient_name="ZZPHITEST^ROSALIND", patient_id="PHIID987654", shape=(600, 480))
         datasets[3].SOPInstanceUID = "1.2.3.bad"  # an error path too
-        statuses = _send(node.port, datasets)
+        statuses = send_datasets(node.port, datasets)
         assert statuses[:3] == [0, 0, 0] and statuses[3] != 0
         datasets = exam_datasets(patient_name="ZZPHITEST^ROSALIND", patient_id="PHIID987654", shape=(600, 480))
-        assert _send(node.port, datasets) == [0, 0, 0, 0]
+        assert send_datasets(node.port, datasets) == [0, 0, 0, 0]
         uid = str(datasets[0].StudyInstanceUID)
         node.wait_for(lambda: node.study(uid)["state"] == "done", 120, what="done")
         node.wait_for(

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, need_shared, need_tool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import make_exams  # noqa: E402  (the benchmarks make their studies the same way)
+from conftest import need_shared, need_tool
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -24,35 +27,101 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_pki(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
     folder.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=mammonode test CA", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mammonode test CA",
+        cwd=folder,
+    )
     extensions = (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth"))
     for name, san in extensions:
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-                 f"/CN={name}", cwd=folder)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=folder,
+        )
         (folder / f"{name}.ext").write_text(san + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=folder,
+        )
     return {p.stem + p.suffix: p for p in folder.iterdir()}
 
 
 def test_dimse_over_mutual_tls_with_dcmtk(node_factory, tmp_path):
     pki = make_pki(tmp_path / "pki")
-    node = node_factory(worker={"enabled": False}, node={
-        "tls": True, "tls_cert": str(pki["server.crt"]), "tls_key": str(pki["server.key"]),
-        "tls_client_ca": str(pki["ca.crt"])}).start()
+    node = node_factory(
+        worker={"enabled": False},
+        node={
+            "tls": True,
+            "tls_cert": str(pki["server.crt"]),
+            "tls_key": str(pki["server.key"]),
+            "tls_client_ca": str(pki["ca.crt"]),
+        },
+    ).start()
     files = sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))[:1]
     storescu = need_tool("storescu")
     base = [storescu, "-v", "-aet", "TLSSCU", "-aec", "MAMMONODE"]
-    ok = subprocess.run([*base, "+tls", str(pki["client.key"]), str(pki["client.crt"]), "-ic", "+cf",
-                         str(pki["ca.crt"]), "127.0.0.1", str(node.port), *map(str, files)],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            *base,
+            "+tls",
+            str(pki["client.key"]),
+            str(pki["client.crt"]),
+            "-ic",
+            "+cf",
+            str(pki["ca.crt"]),
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "Received Store Response (Success)" in ok.stdout + ok.stderr, ok.stderr
-    no_cert = subprocess.run([*base, "+tla", "-ic", "+cf", str(pki["ca.crt"]), "127.0.0.1", str(node.port),
-                              *map(str, files)], capture_output=True, text=True, timeout=120)
+    no_cert = subprocess.run(
+        [*base, "+tla", "-ic", "+cf", str(pki["ca.crt"]), "127.0.0.1", str(node.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert no_cert.returncode != 0 or "Success" not in no_cert.stdout + no_cert.stderr
-    plain = subprocess.run([*base, "127.0.0.1", str(node.port), *map(str, files)], capture_output=True, text=True,
-                           timeout=120)
+    plain = subprocess.run(
+        [*base, "127.0.0.1", str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120
+    )
     assert plain.returncode != 0
     assert node.proc.poll() is None
     db = sqlite3.connect(node.storage / "mammonode.sqlite")
@@ -70,20 +139,9 @@ def make_studies(target: Path, count: int, size: tuple[int, int] | None = None) 
         small.mkdir(parents=True, exist_ok=True)
         for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
             image = cv2.imread(str(pngs / f"{view}.png"), cv2.IMREAD_UNCHANGED)
-            cv2.imwrite(str(small / f"{view}.png"), cv2.resize(image, (size[1], size[0]),
-                                                               interpolation=cv2.INTER_AREA))
+            cv2.imwrite(str(small / f"{view}.png"), cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         pngs = small
-    studies = []
-    for i in range(count):
-        folder = target / f"s{i:03d}"
-        args = []
-        for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
-            args += ["--view", f"{view}={pngs / (view + '.png')}"]
-        subprocess.run([sys.executable, str(SHARED / "tools" / "mgdicom.py"), str(folder), *args, "--bits-from-8",
-                        "--key", f"load-{i}", "--patient-id", f"LOAD{i:04d}", "--mirror", "R-CC", "--mirror",
-                        "R-MLO"], check=True, capture_output=True)
-        studies.append(sorted(folder.glob("*.dcm")))
-    return studies
+    return make_exams(target, count, pngs, key="load")
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -99,14 +157,23 @@ def test_eight_concurrent_senders_each_instance_and_study_once(node_factory, tmp
     storescu = need_tool("storescu")
     studies = make_studies(tmp_path / "studies", 40, size=(650, 500))
     weights = generate(tmp_path / "w", models=("density_histogram",))
-    node = node_factory(weights_dir=weights, pipeline={"models": ["density_histogram"]},
-                        node={"max_associations": 16}, study={"quiet_period_s": 1.0}).start()
+    node = node_factory(
+        weights_dir=weights,
+        pipeline={"models": ["density_histogram"]},
+        node={"max_associations": 16},
+        study={"quiet_period_s": 1.0},
+    ).start()
     senders = []
     for k in range(8):
-        files = [str(f) for s in studies[k * 5:(k + 1) * 5] for f in s]
-        senders.append(subprocess.Popen([storescu, "-v", "-aet", f"LOAD{k}", "-aec", "MAMMONODE", "127.0.0.1",
-                                         str(node.port), *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True))
+        files = [str(f) for s in studies[k * 5 : (k + 1) * 5] for f in s]
+        senders.append(
+            subprocess.Popen(
+                [storescu, "-v", "-aet", f"LOAD{k}", "-aec", "MAMMONODE", "127.0.0.1", str(node.port), *files],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in senders]
     assert all(p.returncode == 0 for p in senders), outputs
     assert sum(o.count("Received Store Response (Success)") for o in outputs) == 160
@@ -146,9 +213,14 @@ def test_listener_memory_bounded_with_eight_concurrent_40mb_studies(node_factory
     studies = make_studies(tmp_path / "big", 8)  # full size: 4 x 10.4 MB each
     node = node_factory(worker={"enabled": False}).start()
     storescu = need_tool("storescu")
-    procs = [subprocess.Popen([storescu, "-aet", f"BIG{k}", "-aec", "MAMMONODE", "127.0.0.1", str(node.port),
-                               *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for k, files in enumerate(studies)]
+    procs = [
+        subprocess.Popen(
+            [storescu, "-aet", f"BIG{k}", "-aec", "MAMMONODE", "127.0.0.1", str(node.port), *map(str, files)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for k, files in enumerate(studies)
+    ]
     assert all(p.wait(300) == 0 for p in procs)
     peak = _vm_hwm_mb(node.proc.pid)
     print(f"listener peak RSS with 8 concurrent 41.6 MB studies: {peak:.0f} MB")
@@ -162,8 +234,12 @@ def test_sigterm_during_a_long_association_half_stores_nothing(node_factory, tmp
     node = node_factory(worker={"enabled": False}).start()
     studies = make_studies(tmp_path / "long", 6)
     files = [str(f) for s in studies for f in s]
-    sender = subprocess.Popen([storescu, "-v", "-aet", "LONG", "-aec", "MAMMONODE", "127.0.0.1", str(node.port),
-                               *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sender = subprocess.Popen(
+        [storescu, "-v", "-aet", "LONG", "-aec", "MAMMONODE", "127.0.0.1", str(node.port), *files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(1.0)
     node.proc.send_signal(signal.SIGTERM)
     output = sender.communicate(timeout=300)[0]
@@ -185,4 +261,3 @@ def test_systemd_unit_hardening_score():
     print(line)
     score = float(line.split("level for mammonode.service:")[1].split()[0])
     assert score <= 2.0, line  # systemd rates 0-10; below 2 is "OK"
-
