@@ -155,6 +155,7 @@ class NodeProcess:
         )
         if wait:
             wait_port(self.port)
+            wait_port(self.web_port)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

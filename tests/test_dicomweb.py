@@ -228,3 +228,21 @@ def test_status_page_in_headless_chromium(node_factory, tmp_path, artifacts):
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10, "blank screenshot"
+
+
+def test_dicomweb_over_https(node_factory, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "reliability"))
+    from test_security_and_load import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    node = node_factory(worker={"enabled": False}, dicomweb={
+        "tls_cert": str(pki["server.crt"]), "tls_key": str(pki["server.key"]), "token": TOKEN}).start()
+    url = f"https://127.0.0.1:{node.web_port}/status"
+    ok = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, verify=str(pki["ca.crt"]), timeout=10)
+    assert ok.status_code == 200 and "studies" in ok.json()
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, timeout=10)  # not trusted without our CA
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url.replace("https", "http"), timeout=10)

@@ -158,3 +158,67 @@ def test_no_patient_name_or_id_in_logs(node_factory, tmp_path):
     assert "study" in log and len(log) > 500
     for needle in ("ZZPHITEST", "ROSALIND", "PHIID987654"):
         assert needle not in log
+
+
+class FlakyPacs:
+    """A pynetdicom storage SCP whose answer the test switches: reject the association,
+    answer C-STORE with a failure status, or store."""
+
+    def __init__(self):
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        from mammonode.netutil import free_port
+
+        self.mode = "reject"
+        self.stored: list[str] = []
+        self.ae = AE(ae_title="FLAKY")
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax)
+        self.port = free_port()
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        if self.mode == "fail":
+            return 0xA700
+        self.stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+        if hasattr(self, "ae"):
+            self.ae.require_calling_aet = ["NOBODY"] if value == "reject" else []
+
+
+def test_destination_rejecting_then_failing_then_accepting(node_factory, tmp_path):
+    weights = generate(tmp_path / "w", models=("density_histogram",))
+    pacs = FlakyPacs()
+    pacs.mode = "reject"
+    node = node_factory(weights_dir=weights, pipeline={"models": ["density_histogram"]},
+                        destinations=[{"name": "flaky", "ae_title": "FLAKY", "host": "127.0.0.1", "port": pacs.port}],
+                        delivery={"max_attempts": 100, "backoff_initial_s": 0.5, "backoff_max_s": 1.0}).start()
+    try:
+        datasets = exam_datasets(shape=(600, 480))
+        assert send_datasets(node.port, datasets) == [0, 0, 0, 0]
+        uid = str(datasets[0].StudyInstanceUID)
+
+        def rows():
+            return [d for r in node.study(uid)["results"] for d in r["deliveries"]]
+
+        node.wait_for(lambda: (r := rows()) and all(d["attempts"] >= 2 for d in r), 120, what="rejected, retried")
+        assert all("rejected" in (d["last_error"] or "") and d["state"] == "pending" for d in rows())
+        pacs.mode = "fail"
+        node.wait_for(lambda: all(d["last_status"] == 0xA700 for d in rows()), 60, what="failure status, retried")
+        assert all(d["state"] == "pending" for d in rows())
+        pacs.mode = "store"
+        node.wait_for(lambda: all(d["state"] == "delivered" for d in rows()), 60, what="delivered once accepted")
+        time.sleep(3)
+        assert sorted(pacs.stored) == sorted(r["sop_instance_uid"] for r in node.study(uid)["results"])
+    finally:
+        pacs.server.shutdown()
