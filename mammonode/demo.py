@@ -58,8 +58,8 @@ def send_files(paths: list[Path], port: int, called: str = "MAMMONODE") -> list[
 
     ae = AE(ae_title="DEMOSCU")
     datasets = [pydicom.dcmread(p) for p in paths]
-    for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.requested_contexts.append(build_context(sop, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets][:1]))
+    for sop, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
+        ae.requested_contexts.append(build_context(sop, [syntax]))
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError("the demo node refused the association")

@@ -44,8 +44,9 @@ class InstanceMeta:
     study_date: str | None = None
 
 
-def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
-    """The study row, created if needed; safe when two listeners create it at once."""
+def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> tuple[Study, bool]:
+    """The study row (and whether this call created it); safe when two listeners create it
+    at once."""
     values = dict(
         study_instance_uid=meta.study_instance_uid,
         state=StudyState.RECEIVING,
@@ -65,9 +66,7 @@ def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
     query = select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
     if dialect == "postgresql":
         query = query.with_for_update()
-    study = session.execute(query).scalar_one()
-    study._mammonode_created = created
-    return study
+    return session.execute(query).scalar_one(), created
 
 
 def selection(instances: list[Instance]) -> dict[str, Instance]:
@@ -108,8 +107,8 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
     the older file's path when a different object replaced an older one, and the study's
     state transition (for the log) if there was one."""
     now = utcnow()
-    study = _upsert_study(session, meta, now)
-    before = None if getattr(study, "_mammonode_created", False) else study.state
+    study, created = _upsert_study(session, meta, now)
+    before = None if created else study.state
     for field in ("patient_id", "patient_name", "accession_number", "study_date"):
         if getattr(study, field) is None and getattr(meta, field) is not None:
             setattr(study, field, getattr(meta, field))

@@ -115,7 +115,7 @@ def store_results(
     study: Study,
     chosen: Mapping[str, Instance],
     result: PipelineResult,
-    prepared: Mapping[str, PreparedView] | None = None,
+    prepared: Mapping[str, PreparedView],
 ) -> list[ResultObject]:
     """Build, write and register the result objects of one job, with one delivery row per
     destination. Re-running the same inputs finds the same UIDs and adds nothing twice."""
@@ -124,8 +124,6 @@ def store_results(
         headers[view] = read_dicom(cfg.storage_dir / chosen[view].path)
         if "PixelData" in headers[view]:
             del headers[view].PixelData
-    if prepared is None:
-        raise ValueError("prepared views are needed to render the result images")
     sources = sources_from_prepared(prepared, headers)
     objects = build_objects(result, sources, study.study_instance_uid, claimed.selection_key)
     stored = []

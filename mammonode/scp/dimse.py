@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 import time
 from pathlib import Path
 
@@ -49,14 +48,11 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class DimseListener:
-    def __init__(self, cfg: Config, db: Database, on_stored=None):
+    def __init__(self, cfg: Config, db: Database):
         self.cfg = cfg
         self.db = db
         self.storage_dir = cfg.storage_dir
-        self.on_stored = on_stored
         self.server = None
-        self._stats_lock = threading.Lock()
-        self.stats = {"stored": 0, "duplicates": 0, "failed": 0, "associations": 0, "rejected": 0}
         self.accepting = True
 
     def build_ae(self) -> AE:
@@ -106,30 +102,20 @@ class DimseListener:
             )
         except StoreError as exc:
             METRICS.instances.labels(str(request.AffectedSOPClassUID), "failed", "dimse").inc()
-            with self._stats_lock:
-                self.stats["failed"] += 1
             log.warning("C-STORE refused: status 0x%04X %s (calling AE %s)", exc.status, exc.comment, calling)
             return _status(exc.status, exc.comment)
         except Exception as exc:  # never crash the association thread, never claim success
-            with self._stats_lock:
-                self.stats["failed"] += 1
             log.exception("C-STORE failed unexpectedly")
             return _status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
         METRICS.instances.labels(str(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
-        with self._stats_lock:
-            self.stats["duplicates" if result.outcome == "duplicate" else "stored"] += 1
         log.debug(
             "stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid, result.outcome
         )
-        if self.on_stored is not None:
-            self.on_stored(result)
         return 0x0000
 
     def _handle_accepted(self, event) -> None:
         METRICS.associations.labels("accepted").inc()
         METRICS.active_associations.inc()
-        with self._stats_lock:
-            self.stats["associations"] += 1
         event.assoc._mammonode_start = event.assoc._mammonode_pdu = time.monotonic()
 
     @staticmethod
@@ -153,8 +139,6 @@ class DimseListener:
 
     def _handle_rejected(self, event) -> None:
         METRICS.associations.labels("rejected").inc()
-        with self._stats_lock:
-            self.stats["rejected"] += 1
         assoc = event.assoc
         log.warning("association rejected: calling AE %s from %s", assoc.requestor.ae_title, assoc.requestor.address)
 
