@@ -7,8 +7,6 @@ processes share the database.
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
@@ -44,7 +42,6 @@ class NodeMetrics:
             ["destination", "outcome"],
             registry=self.registry,
         )
-        self.started = time.time()
 
     def attach_database(self, db) -> None:
         self.registry.register(_DatabaseCollector(db))

@@ -11,7 +11,3 @@ def laterality(view: str) -> str:
 
 def angle(view: str) -> str:
     return view.split("-", 1)[1]
-
-
-def is_view(name: str) -> bool:
-    return name in VIEWS

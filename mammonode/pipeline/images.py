@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from mammonode.dicom_views import faces_expected_way
 from mammonode.views import laterality
 
 
@@ -47,25 +48,6 @@ class PreparedView:
     def facing_right(self) -> np.ndarray:
         """The image with every view facing right (the frame of the models)."""
         return self.image[:, ::-1] if laterality(self.view) == "R" else self.image
-
-
-# The first letter of the row direction when a view faces the usual way: moving right along a
-# row goes towards the nipple (anterior) for a left breast, towards the chest wall for a right.
-_EXPECTED_ROW = {"L": "A", "R": "P"}
-_OPPOSITE_ROW = {"A": "P", "P": "A"}
-
-
-def _stored_mirrored(view: str, orientation: list[str] | None) -> bool | None:
-    """True/False from Patient Orientation, None when it does not say."""
-    if not orientation or len(orientation) < 1 or not str(orientation[0]):
-        return None
-    first = str(orientation[0]).strip().upper()[:1]
-    expected = _EXPECTED_ROW[laterality(view)]
-    if first == expected:
-        return False
-    if first == _OPPOSITE_ROW.get(expected):
-        return True
-    return None
 
 
 def _mirrored_from_pixels(view: str, image: np.ndarray) -> bool:
@@ -116,11 +98,11 @@ def grey_pixels(ds: Dataset) -> np.ndarray:
 
 def prepare_dicom(view: str, ds: Dataset, source: str) -> PreparedView:
     image = grey_pixels(ds)
-    orientation = list(ds.get("PatientOrientation", []) or [])
-    mirrored = _stored_mirrored(view, orientation)
-    how = "patient_orientation"
-    if mirrored is None:
+    faces = faces_expected_way(view, ds)
+    if faces is None:
         mirrored, how = _mirrored_from_pixels(view, image), "pixels"
+    else:
+        mirrored, how = not faces, "patient_orientation"
     if mirrored:
         image = np.ascontiguousarray(image[:, ::-1])
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")

@@ -147,10 +147,6 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     return model.eval()
 
 
-def available_models(weights_dir: Path) -> dict[str, bool]:
-    return {name: model_file(weights_dir, name).exists() for name in ALL_MODELS}
-
-
 def default_weights_dir() -> Path:
     env = os.environ.get("MAMMONODE_WEIGHTS_DIR")
     return Path(env) if env else Path("/var/lib/mammonode/weights")

@@ -119,7 +119,7 @@ def matches(ds: Dataset, keyword: str, pattern: str, modalities: set[str] | None
     if keyword.endswith("UID"):
         return value in {v for v in pattern.split(",") if v}
     if keyword.endswith("Date"):
-        return _match_date(value, pattern.replace("-", "-"))
+        return _match_date(value, pattern)
     return _match_text(value, pattern)
 
 

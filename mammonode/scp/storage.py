@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +295,3 @@ def recover(storage_dir: Path, db: Database, min_age_s: float = 0.0) -> dict[str
                     (Path(root) / name).unlink(missing_ok=True)
                     removed_orphans += 1
     return {"temporary_files": removed_tmp, "orphan_files": removed_orphans}
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
