@@ -22,6 +22,7 @@ from mammonode.db import jobs
 from mammonode.db.models import Instance, Study
 from mammonode.db.records import selection, selection_key
 from mammonode.db.session import Database
+from mammonode.metrics import METRICS
 from mammonode.pipeline.images import ImageInputError, prepare_dicom, read_dicom
 from mammonode.pipeline.run import PipelineOptions, run_pipeline
 from mammonode.pipeline.weights import WeightsError
@@ -57,10 +58,11 @@ class PipelineWorker:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.current_job: int | None = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
 
     # -- one job --------------------------------------------------------------------------
-    def _inputs(self, claimed: jobs.ClaimedJob) -> tuple[dict, Study, dict[str, Instance]]:
+    def _inputs(self, claimed: jobs.ClaimedJob) -> tuple[dict, dict, float, Study]:
+        """The prepared views, their headers (kept for the result objects, pixel data
+        dropped) and the seconds spent; each file is read once."""
         with self.db.session() as session:
             study = session.get(Study, claimed.study_id)
             instances = list(session.execute(select(Instance).where(Instance.study_id == study.id)).scalars())
@@ -68,7 +70,7 @@ class PipelineWorker:
             if selection_key(chosen) != claimed.selection_key:
                 raise JobSuperseded("the study's inputs changed after the job was queued")
             session.expunge_all()
-        prepared = {}
+        prepared, headers = {}, {}
         start = time.perf_counter()
         for view in VIEWS:
             inst = chosen[view]
@@ -79,20 +81,18 @@ class PipelineWorker:
             except ImageInputError as exc:
                 raise ImageInputError(f"{view}: {exc}", view=view) from exc
             prepared[view].study_instance_uid = study.study_instance_uid
-        return {"prepared": prepared, "prepare_s": time.perf_counter() - start}, study, chosen
+            del ds.PixelData
+            headers[view] = ds
+        return prepared, headers, time.perf_counter() - start, study
 
     def process(self, claimed: jobs.ClaimedJob) -> None:
         from mammonode.dicom_out.results import store_results
 
         log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
-        inputs, study, chosen = self._inputs(claimed)
-        result = run_pipeline(
-            inputs["prepared"], pipeline_options(self.cfg, self.device), {"prepare": inputs["prepare_s"]}
-        )
-        from mammonode.metrics import METRICS
-
+        prepared, headers, seconds, study = self._inputs(claimed)
+        result = run_pipeline(prepared, pipeline_options(self.cfg, self.device), {"prepare": seconds})
         METRICS.observe_job(result.timing_s)
-        stored = store_results(self.cfg, self.db, claimed, study, chosen, result, inputs["prepared"])
+        stored = store_results(self.cfg, self.db, claimed, study, result, prepared, headers)
         with self.db.session() as session:
             if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict()):
                 log.warning("job %s was taken from this worker; its result is discarded", claimed.job_id)

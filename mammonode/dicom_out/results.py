@@ -13,14 +13,14 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from mammonode.config import Config
-from mammonode.db.models import Delivery, DeliveryState, Instance, ResultObject, Study
+from mammonode.db.models import Delivery, DeliveryState, ResultObject, Study
 from mammonode.db.session import Database
 from mammonode.dicom_out.content import density_lines, model_identity, score_table
 from mammonode.dicom_out.render import NOT_FOR_DIAGNOSIS, TEST_NOTICE_BURNED, summary_image
 from mammonode.dicom_out.secondary_capture import SourceImage, heatmap_sc, overlay_pixels, summary_sc
 from mammonode.dicom_out.sr import build_sr
 from mammonode.dicom_out.uids import stable_uid
-from mammonode.pipeline.images import PreparedView, read_dicom
+from mammonode.pipeline.images import PreparedView
 from mammonode.pipeline.run import PipelineResult
 from mammonode.views import VIEWS
 
@@ -113,17 +113,13 @@ def store_results(
     db: Database,
     claimed,
     study: Study,
-    chosen: Mapping[str, Instance],
     result: PipelineResult,
     prepared: Mapping[str, PreparedView],
+    headers: Mapping[str, Dataset],
 ) -> list[ResultObject]:
     """Build, write and register the result objects of one job, with one delivery row per
-    destination. Re-running the same inputs finds the same UIDs and adds nothing twice."""
-    headers = {}
-    for view in VIEWS:
-        headers[view] = read_dicom(cfg.storage_dir / chosen[view].path)
-        if "PixelData" in headers[view]:
-            del headers[view].PixelData
+    destination. Re-running the same inputs finds the same UIDs and adds nothing twice.
+    ``headers``: the source data sets (pixel data not needed)."""
     sources = sources_from_prepared(prepared, headers)
     objects = build_objects(result, sources, study.study_instance_uid, claimed.selection_key)
     stored = []
