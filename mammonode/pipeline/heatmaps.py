@@ -136,7 +136,7 @@ class HeatmapStats:
 PatchRunner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def fp32_runner(model: nn.Module, channels_last: bool = True, precision: str = "fp32") -> PatchRunner:
+def patch_runner(model: nn.Module, channels_last: bool = True, precision: str = "fp32") -> PatchRunner:
     device = next(model.parameters()).device
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

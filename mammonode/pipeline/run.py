@@ -20,7 +20,7 @@ from mammonode import __version__
 from mammonode.pipeline import classify, density
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import CropInfo, crop_breast
-from mammonode.pipeline.heatmaps import HeatmapStats, compute_heatmaps, fp32_runner, make_grids
+from mammonode.pipeline.heatmaps import HeatmapStats, compute_heatmaps, make_grids, patch_runner
 from mammonode.pipeline.images import ImageInputError, PreparedView
 from mammonode.pipeline.model_registry import load_model
 from mammonode.pipeline.weights import MODEL_NAMES, ModelProvenance, WeightsError, model_file, provenance
@@ -231,7 +231,7 @@ def run_pipeline(
         patch_model = load_model("patch", options.weights_dir).to(device)
         result.models["patch"] = provenance(options.weights_dir, "patch")
         grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
-        runner = fp32_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
+        runner = patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
         maps, result.heatmap_stats = compute_heatmaps(
             [crops[v] for v in VIEWS], grids, runner, batch_size=options.heatmap_batch
         )
