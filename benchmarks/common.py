@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from mammonode.netutil import free_port, wait_port  # noqa: E402,F401  (re-exported)
+from mammonode.demo.loopback import free_port, wait_port  # noqa: E402,F401  (re-exported)
 
 
 def tool(name: str) -> str:
@@ -33,9 +33,21 @@ def make_exams(target: Path, count: int, pngs: Path | None = None, key: str = "b
             views = []
             for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
                 views += ["--view", f"{view}={pngs / (view + '.png')}"]
-            command = [sys.executable, str(SHARED / "tools" / "mgdicom.py"), str(folder), *views, "--bits-from-8",
-                       "--key", f"{key}-{i}", "--patient-id", f"{key.upper()}{i:04d}", "--mirror", "R-CC",
-                       "--mirror", "R-MLO"]
+            command = [
+                sys.executable,
+                str(SHARED / "tools" / "mgdicom.py"),
+                str(folder),
+                *views,
+                "--bits-from-8",
+                "--key",
+                f"{key}-{i}",
+                "--patient-id",
+                f"{key.upper()}{i:04d}",
+                "--mirror",
+                "R-CC",
+                "--mirror",
+                "R-MLO",
+            ]
             subprocess.run(command, check=True, capture_output=True)
         exams.append(sorted(folder.glob("*.dcm")))
     return exams

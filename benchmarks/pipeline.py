@@ -44,7 +44,9 @@ def child(mode: str, device: str, weights: Path, heatmaps_out: Path) -> None:
     sys.path.insert(0, str(REPO))
     from mammonode.pipeline.inputs import prepare_exam
     from mammonode.pipeline.run import PipelineOptions, run_pipeline
+    from mammonode.pipeline.runtime import configure_torch
 
+    configure_torch(device, mode)
     start = time.perf_counter()
     prepared, seconds = prepare_exam(sorted((SHARED / "samples" / "dicom" / "density-exam").glob("*.dcm")))
     result = run_pipeline(
@@ -66,7 +68,7 @@ def raw_throughput(device: str) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from mammonode.pipeline.model_registry import load_model
+    from mammonode.pipeline.weights import load_model
 
     model = load_model("patch", SHARED / "weights" / "test").to(device)
     out = {}

@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO))
 
 def run(workers: int, studies: int, tmp: Path) -> float:
     import psycopg
-    from pg import PostgresServer
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
+    from support.pg import PostgresServer
 
-    from mammonode.phantom import exam_datasets
-    from mammonode.testweights import generate
+    from mammonode.demo.phantom import exam_datasets
+    from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
     server = PostgresServer().start()
     try:

@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli, cli_json, free_port, send_datasets
-from peers import StoreSCP
+from support.dicom import send_datasets
+from support.node import cli, cli_json
+from support.paths import REPO
+from support.peers import StoreSCP
 
-from mammonode.phantom import exam_datasets
-from mammonode.testweights import generate
+from mammonode.demo.loopback import free_port
+from mammonode.demo.phantom import exam_datasets
+from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
 pytestmark = pytest.mark.network
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pydicom
 import pytest
-from conftest import SHARED, need_shared
+from support.paths import SHARED, need_shared
 
 from mammonode.pipeline.images import grey_pixels
 
@@ -60,6 +60,6 @@ def test_monochrome1_and_mirrored_storage_prepare_like_the_original(tmp_path):
     )
     a, _ = prepare_exam([plain / "R-CC.dcm"])
     b, _ = prepare_exam([variant / "R-CC.dcm"])
-    assert b["R-CC"].mirrored is True and a["R-CC"].mirrored is False
+    assert b["R-CC"].orientation.mirrored is True and a["R-CC"].orientation.mirrored is False
     # MONOCHROME1 inverted against 2^BitsStored - 1 gives back the MONOCHROME2 values, background 0.
     assert np.array_equal(a["R-CC"].image, b["R-CC"].image)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from conftest import density_dicoms, need_tool
 from dicomweb_client.api import DICOMwebClient
-from peers import Orthanc
+from support.dicom import density_dicoms
+from support.paths import need_tool
+from support.peers import Orthanc
 
-from mammonode.phantom import exam_datasets
-from mammonode.testweights import generate
+from mammonode.demo.phantom import exam_datasets
+from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
 pytestmark = pytest.mark.network
 TOKEN = "test-token-4d1f"
@@ -231,14 +232,13 @@ def test_status_page_in_headless_chromium(node_factory, tmp_path, artifacts):
 
 
 def test_dicomweb_over_https(node_factory, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "reliability"))
-    from test_security_and_load import make_pki
+    from support.pki import make_pki
 
     pki = make_pki(tmp_path / "pki")
-    node = node_factory(worker={"enabled": False}, dicomweb={
-        "tls_cert": str(pki["server.crt"]), "tls_key": str(pki["server.key"]), "token": TOKEN}).start()
+    node = node_factory(
+        worker={"enabled": False},
+        dicomweb={"tls_cert": str(pki["server.crt"]), "tls_key": str(pki["server.key"]), "token": TOKEN},
+    ).start()
     url = f"https://127.0.0.1:{node.web_port}/status"
     ok = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, verify=str(pki["ca.crt"]), timeout=10)
     assert ok.status_code == 200 and "studies" in ok.json()

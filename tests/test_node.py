@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import cli, cli_json, need_shared, need_tool, send_datasets, storescu
+from support.dicom import send_datasets, storescu
+from support.node import cli, cli_json
+from support.paths import need_shared, need_tool
 
-from mammonode.phantom import exam_datasets
+from mammonode.demo.phantom import exam_datasets
 
 pytestmark = pytest.mark.network
 

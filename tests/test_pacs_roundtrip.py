@@ -7,8 +7,11 @@ import time
 
 import pydicom
 import pytest
-from conftest import cli, density_dicoms, free_port, storescu
-from peers import Orthanc, StoreSCP
+from support.dicom import density_dicoms, storescu
+from support.node import cli
+from support.peers import Orthanc, StoreSCP
+
+from mammonode.demo.loopback import free_port
 
 pytestmark = pytest.mark.network
 FAST_MODELS = ["image_only", "density_histogram", "density_cnn"]

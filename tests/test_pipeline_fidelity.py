@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, density_dicoms, need_shared
+from support.dicom import density_dicoms
+from support.node import cli
+from support.paths import need_shared
 
+from mammonode.exam.views import VIEWS, angle
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import crop_breast
 from mammonode.pipeline.images import prepare_png
 from mammonode.pipeline.inputs import prepare_exam
-from mammonode.views import VIEWS, angle
 
 LABELS = ("left_benign", "right_benign", "left_malignant", "right_malignant")
 
@@ -44,7 +46,7 @@ def test_crop_centres_and_strides_exact_on_dicoms_and_pngs(reference):
     # The DICOM instances hold the PNG values x16 (12 bits stored), the right views un-mirrored.
     for view in VIEWS:
         assert np.array_equal(dicoms[view].image, pngs[view].image * 16)
-        assert dicoms[view].mirrored is False and dicoms[view].orientation_source == "patient_orientation"
+        assert dicoms[view].orientation.mirrored is False and dicoms[view].orientation_source == "patient_orientation"
 
 
 @pytest.mark.parametrize("name", ["1_L_CC", "1_R_CC", "2_L_CC", "2_R_CC"])
@@ -111,7 +113,7 @@ def test_full_pipeline_on_pngs_matches_reference(png_run, reference):
 def test_single_pass_without_augmentation_matches_reference(dicom_run, reference, test_weights_dir):
     """The deterministic single pass, on the heatmaps of the DICOM run (saves recomputing them)."""
     from mammonode.pipeline import classify
-    from mammonode.pipeline.model_registry import load_model
+    from mammonode.pipeline.weights import load_model
 
     prepared, _ = prepare_exam(density_dicoms())
     crops, centers, heatmaps = {}, {}, {}

@@ -12,12 +12,14 @@ import time
 import psycopg
 import pydicom
 import pytest
-from conftest import REPO, free_port, send_datasets
-from peers import StoreSCP
-from pg import postgres  # noqa: F401  (fixture)
+from support.dicom import send_datasets
+from support.paths import REPO
+from support.peers import StoreSCP
+from support.pg import postgres  # noqa: F401  (fixture)
 
-from mammonode.phantom import exam_datasets
-from mammonode.testweights import generate
+from mammonode.demo.loopback import free_port
+from mammonode.demo.phantom import exam_datasets
+from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
 pytestmark = [pytest.mark.postgres, pytest.mark.network]
 STUDIES = 20

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import need_tool
 from PIL import Image
+from support.paths import need_tool
 
 pytestmark = pytest.mark.slow
 _FINDING = re.compile(r"(?:^|\s-\s)(Error|Warning) - (.*)")

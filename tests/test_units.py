@@ -7,8 +7,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from mammonode.config import ConfigError, load_config
-from mammonode.dicom_views import assign_view
-from mammonode.scp.storage import valid_uid
+from mammonode.exam.assignment import assign_view
+from mammonode.ingest.store import valid_uid
 
 
 def _mg(
@@ -70,9 +70,9 @@ def test_views_that_are_never_pipeline_inputs():
 
 
 def test_facing_direction_from_patient_orientation():
-    assert assign_view(_mg()).faces_expected is True
-    assert assign_view(_mg(orientation=("P", "R"))).faces_expected is False
-    assert assign_view(_mg(orientation=None)).faces_expected is None
+    assert assign_view(_mg()).mirrored is False
+    assert assign_view(_mg(orientation=("P", "R"))).mirrored is True
+    assert assign_view(_mg(orientation=None)).mirrored is None
 
 
 @pytest.mark.parametrize(

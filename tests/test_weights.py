@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import cli, need_shared
+from support.node import cli
+from support.paths import need_shared
 
-from mammonode.pipeline.model_registry import load_model
-from mammonode.pipeline.weights import WeightsError, provenance, read_state_dict
+from mammonode.pipeline.registry import spec
+from mammonode.pipeline.weights import WeightsError, load_model, provenance, read_state_dict
 
 OFFICIAL_HISTOGRAM_SHA256 = "a56eb45ca5a9cd77326b0bee940291d19c7b03215c7880523181972e78f73117"  # ../shared/README.md
 
@@ -19,7 +20,7 @@ def test_original_files_load_strictly_in_both_densenet_spellings(test_weights_di
     for name in ("patch", "image_only", "image_heatmaps", "density_cnn", "density_histogram"):
         model = load_model(name, test_weights_dir)
         assert all(p.dtype == torch.float32 for p in model.parameters())
-    state = read_state_dict(test_weights_dir / "patch_model.p")
+    state = read_state_dict(test_weights_dir / "patch_model.p", spec("patch"))
     assert "features.denseblock1.denselayer1.norm1.weight" in state  # mapped from "norm.1"
 
 

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from mammonode.db.models import Instance, Job, JobState, Study, StudyState, utcnow
 from mammonode.db.records import record_event, selection, selection_key
-from mammonode.views import VIEWS
+from mammonode.db.session import locked
+from mammonode.exam.views import VIEWS
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,10 @@ def tick(
     session: Session, quiet_period_s: float, incomplete_timeout_s: float, now: datetime | None = None
 ) -> TickResult:
     now = now or utcnow()
-    query = select(Study).where(Study.state == StudyState.RECEIVING)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = locked(select(Study).where(Study.state == StudyState.RECEIVING), session, skip_locked=True)
     queued, incomplete = [], []
     for study in session.execute(query).scalars():
-        instances = list(session.execute(select(Instance).where(Instance.study_id == study.id)).scalars())
-        chosen = selection(instances)
+        chosen = selection(study.instances)
         quiet_for = (now - study.last_instance_at).total_seconds()
         if all(view in chosen for view in VIEWS):
             if quiet_for >= quiet_period_s:
@@ -84,11 +82,11 @@ def tick(
     return TickResult(queued=queued, incomplete=incomplete)
 
 
-def is_ready(study: Study, instances: list[Instance], quiet_period_s: float, now: datetime | None = None) -> bool:
+def is_ready(study: Study, quiet_period_s: float, now: datetime | None = None) -> bool:
     """A receiving study whose views are complete and quiet, waiting for the next tick."""
     now = now or utcnow()
     if study.state != StudyState.RECEIVING:
         return False
-    if missing_views(instances):
+    if missing_views(study.instances):
         return False
     return now - study.last_instance_at >= timedelta(seconds=quiet_period_s)

@@ -8,6 +8,7 @@ stopped heartbeating is re-queued (or failed once it has used its attempts).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from mammonode.db.models import Job, JobState, Study, StudyState, Worker, utcnow
 from mammonode.db.records import record_event
+from mammonode.db.session import locked
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,6 @@ class ClaimedJob:
 
 
 def register_worker(session: Session, worker_id: str, device: str) -> None:
-    import os
-
     now = utcnow()
     worker = session.get(Worker, worker_id)
     if worker is None:
@@ -71,9 +71,7 @@ def recover_stale(session: Session, stale_after_s: float, max_attempts: int, now
     """Re-queue running jobs whose worker stopped heartbeating."""
     now = now or utcnow()
     limit = now - timedelta(seconds=stale_after_s)
-    query = select(Job).where(Job.state == JobState.RUNNING, Job.heartbeat_at < limit)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = locked(select(Job).where(Job.state == JobState.RUNNING, Job.heartbeat_at < limit), session, True)
     recovered = []
     for job in session.execute(query).scalars():
         study = session.get(Study, job.study_id)
@@ -108,9 +106,7 @@ def _retry_or_fail(session: Session, job: Job, study: Study, message: str, max_a
 def claim(session: Session, worker_id: str) -> ClaimedJob | None:
     now = utcnow()
     query = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    job = session.execute(query).scalar_one_or_none()
+    job = session.execute(locked(query, session, skip_locked=True)).scalar_one_or_none()
     if job is None:
         return None
     job.state = JobState.RUNNING
@@ -133,10 +129,7 @@ def claim(session: Session, worker_id: str) -> ClaimedJob | None:
 
 
 def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
-    query = select(Job).where(Job.id == job_id)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    job = session.execute(query).scalar_one_or_none()
+    job = session.execute(locked(select(Job).where(Job.id == job_id), session)).scalar_one_or_none()
     if job is None or job.state != JobState.RUNNING or job.worker_id != worker_id:
         return None  # re-queued meanwhile (we were presumed dead): our result is not ours to record
     return job

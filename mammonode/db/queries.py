@@ -1,4 +1,4 @@
-"""Read models for the CLI and the status endpoints, and the admin actions (retry, purge).
+"""Read models for the CLI and the status endpoints (nothing here changes the database).
 
 The JSON shapes here are the documented, stable schema of ``--json`` output (README,
 "Admin CLI"). Patient identifiers appear only when ``show_phi`` is set.
@@ -6,19 +6,16 @@ The JSON shapes here are the documented, stable schema of ``--json`` output (REA
 
 from __future__ import annotations
 
-import shutil
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mammonode.db.assembly import enqueue, is_ready, missing_views
+from mammonode.db.assembly import is_ready, missing_views
 from mammonode.db.models import (
     Delivery,
     DeliveryState,
     Event,
-    Instance,
     Job,
     JobState,
     ResultObject,
@@ -27,21 +24,17 @@ from mammonode.db.models import (
     Worker,
     utcnow,
 )
-from mammonode.db.records import record_event, usable_counts
+from mammonode.db.records import usable_counts
 
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _instances(session: Session, study_id: int) -> list[Instance]:
-    return list(session.execute(select(Instance).where(Instance.study_id == study_id)).scalars())
-
-
 def study_summary(session: Session, study: Study, quiet_period_s: float, show_phi: bool = False) -> dict:
-    instances = _instances(session, study.id)
+    instances = study.instances
     state = study.state
-    if state == StudyState.RECEIVING and is_ready(study, instances, quiet_period_s):
+    if state == StudyState.RECEIVING and is_ready(study, quiet_period_s):
         state = StudyState.READY
     out = {
         "study_instance_uid": study.study_instance_uid,
@@ -96,7 +89,7 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
             "received_at": iso(i.received_at),
             "revisions": i.revisions,
         }
-        for i in _instances(session, study.id)
+        for i in study.instances
     ]
     out["jobs"] = [
         {
@@ -157,7 +150,7 @@ def status(session: Session, quiet_period_s: float, stale_after_s: float, errors
         studies[state] = count
     # "ready" is derived: receiving studies complete and quiet, waiting for the next tick.
     for study in session.execute(select(Study).where(Study.state == StudyState.RECEIVING)).scalars():
-        if is_ready(study, _instances(session, study.id), quiet_period_s):
+        if is_ready(study, quiet_period_s):
             studies[StudyState.RECEIVING] -= 1
             studies[StudyState.READY] += 1
     jobs = {state: 0 for state in JobState.ALL}
@@ -215,64 +208,4 @@ def status(session: Session, quiet_period_s: float, stale_after_s: float, errors
             "received_at": iso(oldest.received_at),
         },
         "errors": recent,
-    }
-
-
-def retry(session: Session, study: Study, force: bool = False) -> dict:
-    """Re-send failed deliveries; re-queue a failed study (or any study with ``force``)."""
-    resent = 0
-    for delivery in session.execute(
-        select(Delivery).join(ResultObject).where(ResultObject.study_id == study.id)
-    ).scalars():
-        if delivery.state == DeliveryState.FAILED or (force and delivery.state == DeliveryState.DELIVERED):
-            delivery.state = DeliveryState.PENDING
-            delivery.attempts = 0
-            delivery.next_attempt_at = utcnow()
-            resent += 1
-    requeued = False
-    lacking = missing_views(_instances(session, study.id))
-    if study.state == StudyState.FAILED or (force and study.state in (StudyState.DONE, StudyState.INCOMPLETE)):
-        if lacking:
-            raise ValueError(f"study lacks views {', '.join(lacking)}; nothing to run")
-        enqueue(session, study)
-        requeued = True
-    record_event(
-        session,
-        "INFO",
-        "retry",
-        f"retry: {resent} deliveries re-sent, job re-queued: {requeued}",
-        study.study_instance_uid,
-    )
-    return {"study_instance_uid": study.study_instance_uid, "deliveries_reset": resent, "job_queued": requeued}
-
-
-def purge(session: Session, storage_dir: Path, older_than_days: float, dry_run: bool = False) -> dict:
-    """Remove files and rows of finished studies not touched for ``older_than_days``."""
-    limit = utcnow() - timedelta(days=older_than_days)
-    finished = [StudyState.DONE, StudyState.FAILED, StudyState.INCOMPLETE]
-    studies = list(session.execute(select(Study).where(Study.state.in_(finished), Study.updated_at < limit)).scalars())
-    pending = 0
-    removed = []
-    for study in studies:
-        waiting = session.execute(
-            select(func.count())
-            .select_from(Delivery)
-            .join(ResultObject)
-            .where(
-                ResultObject.study_id == study.id, Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
-            )
-        ).scalar_one()
-        if waiting:
-            pending += 1
-            continue
-        removed.append(study.study_instance_uid)
-        if not dry_run:
-            for sub in ("instances", "results"):
-                shutil.rmtree(storage_dir / sub / study.study_instance_uid, ignore_errors=True)
-            session.delete(study)
-    return {
-        "removed": len(removed),
-        "skipped_pending_deliveries": pending,
-        "study_instance_uids": removed,
-        "dry_run": dry_run,
     }

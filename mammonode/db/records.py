@@ -12,7 +12,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from mammonode.db.models import Event, Instance, Job, JobState, Study, StudyState, utcnow
-from mammonode.views import VIEWS
+from mammonode.db.session import locked
+from mammonode.exam.views import VIEWS
 
 
 class RecordOutcome(StrEnum):
@@ -35,7 +36,7 @@ class InstanceMeta:
     view: str
     usable: bool
     reason: str | None
-    faces_expected: bool | None
+    mirrored: bool | None  # stored mirrored per Patient Orientation; None: it does not say
     acquired: str | None
     calling_ae_title: str | None
     patient_id: str | None = None
@@ -64,9 +65,7 @@ def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> tuple[
     stmt = insert(Study).values(**values).on_conflict_do_nothing(index_elements=["study_instance_uid"])
     created = session.execute(stmt).rowcount == 1
     query = select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
-    if dialect == "postgresql":
-        query = query.with_for_update()
-    return session.execute(query).scalar_one(), created
+    return session.execute(locked(query, session)).scalar_one(), created
 
 
 def selection(instances: list[Instance]) -> dict[str, Instance]:
@@ -131,11 +130,11 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
             "view",
             "usable",
             "reason",
-            "faces_expected",
             "acquired",
             "calling_ae_title",
         )
     }
+    fields["faces_expected"] = None if meta.mirrored is None else not meta.mirrored
     if existing is None:
         session.add(Instance(study_id=study.id, sop_instance_uid=meta.sop_instance_uid, received_at=now, **fields))
         outcome = RecordOutcome.NEW
@@ -171,8 +170,8 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
 def refresh_selection(session: Session, study: Study) -> bool:
     """Recompute the study's inputs; when they changed, go back to receiving (a queued job
     for the old inputs is superseded). Returns whether the selection changed."""
-    instances = list(session.execute(select(Instance).where(Instance.study_id == study.id)).scalars())
-    key = selection_key(selection(instances))
+    session.refresh(study, ["instances"])
+    key = selection_key(selection(study.instances))
     if key == study.selection_key:
         return False
     study.selection_key = key
@@ -183,6 +182,27 @@ def refresh_selection(session: Session, study: Study) -> bool:
             job.finished_at = utcnow()
         study.state = StudyState.RECEIVING
     return True
+
+
+def mark_unusable(session: Session, study_id: int, view: str, reason: str) -> None:
+    """Take the view's chosen input out of the selection after the pipeline could not use
+    it, so the study runs again with another image of that view or waits for one (and then
+    shows up as incomplete), instead of failing the same way forever."""
+    study = session.get(Study, study_id)
+    chosen = selection(study.instances).get(view)
+    if chosen is None:
+        return
+    chosen.usable = False
+    chosen.reason = f"not usable as pipeline input: {reason}"[:1000]
+    session.flush()
+    record_event(
+        session,
+        "ERROR",
+        "instance-unusable",
+        f"{view} instance {chosen.sop_instance_uid}: {reason}",
+        study.study_instance_uid,
+    )
+    refresh_selection(session, study)
 
 
 def known_paths(session: Session) -> set[str]:

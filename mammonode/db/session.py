@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Select, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,3 +80,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def locked(query: Select, session: Session, skip_locked: bool = False) -> Select:
+    """``query`` with ``FOR UPDATE [SKIP LOCKED]`` on PostgreSQL, where several processes
+    claim rows at once; unchanged on SQLite, whose ``BEGIN IMMEDIATE`` already serialises
+    writers."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=skip_locked)
+    return query

@@ -121,11 +121,3 @@ def cut(image: np.ndarray, window: Window, angle: str) -> np.ndarray:
     if out.shape[:2] != size:
         out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
     return out
-
-
-def standardise32(image: np.ndarray) -> np.ndarray:
-    """The classifier standardises each window in float32, as the original does."""
-    image = np.array(image, dtype=np.float32, copy=True)
-    image -= np.mean(image)
-    image /= np.maximum(np.std(image), 10 ** (-5))
-    return image

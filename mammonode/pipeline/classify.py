@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from mammonode.pipeline.augment import Window, cut, sample_window, standardise32
+from mammonode.exam.views import VIEWS, angle
+from mammonode.pipeline import standardise
+from mammonode.pipeline.augment import Window, cut, sample_window
+from mammonode.pipeline.inference import as_input, infer, prepare_model
 from mammonode.pipeline.models.resnet22 import LABELS, SplitBreastModel
-from mammonode.views import VIEWS, angle
 
 MAX_CROP_NOISE = (100, 100)
 MAX_CROP_SIZE_NOISE = 100
@@ -45,10 +47,10 @@ def draw_windows(
 def model_input(image: np.ndarray, heatmaps: np.ndarray | None, window: Window, view: str) -> np.ndarray:
     """(C, H, W) float32 input for one view and one window."""
     if heatmaps is None:
-        return standardise32(cut(image, window, angle(view)))[None]
+        return standardise.for_classifier(cut(image, window, angle(view)))[None]
     joint = cut(np.dstack([image, heatmaps]), window, angle(view))
     channels = np.empty((joint.shape[2],) + joint.shape[:2], dtype=np.float32)
-    channels[0] = standardise32(joint[:, :, 0])
+    channels[0] = standardise.for_classifier(joint[:, :, 0])
     channels[1:] = np.moveaxis(joint[:, :, 1:], 2, 0)
     return channels
 
@@ -71,8 +73,7 @@ def predict(
     2677x1942 input already fills the caches, and bigger batches only add memory traffic."""
     device = device or next(model.parameters()).device
     channels_last = device.type == "cpu"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, channels_last)
     epochs = epochs if augmentation else 1
     windows = draw_windows({v: images[v].shape for v in VIEWS}, centers, epochs, seed, augmentation)
     per_epoch = []
@@ -82,14 +83,8 @@ def predict(
         for view in VIEWS:
             aux = heatmaps[view] if heatmaps is not None else None
             arrays = np.stack([model_input(images[view], aux, w[view], view) for w in chunk])
-            tensor = torch.from_numpy(arrays).to(device)
-            batch[view] = tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
-        with torch.inference_mode():
-            if precision == "bf16":
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                    out = model(batch)
-            else:
-                out = model(batch)
+            batch[view] = as_input(torch.from_numpy(arrays), device, channels_last)
+        out = infer(model, batch, device, precision)
         # Each label's probability is the mean of its CC and MLO heads.
         per_epoch.append(((out["CC"].float() + out["MLO"].float()) / 2).cpu().numpy())
     mean = np.concatenate(per_epoch).astype(np.float64).mean(axis=0)

@@ -17,18 +17,12 @@ import cv2
 import numpy as np
 import torch
 
-from mammonode.views import VIEWS
+from mammonode.exam.views import VIEWS
+from mammonode.pipeline import standardise
 
 CNN_INPUT = (2600, 2000)
 CATEGORIES = ("a", "b", "c", "d")
 HISTOGRAM_BINS = 50
-
-
-def standardise(image: np.ndarray) -> np.ndarray:
-    image = np.array(image, dtype=np.float32, copy=True)
-    image -= np.mean(image)
-    image /= np.std(image)
-    return image
 
 
 def conform(image: np.ndarray, size: tuple[int, int] = CNN_INPUT) -> np.ndarray:
@@ -47,7 +41,7 @@ def conform(image: np.ndarray, size: tuple[int, int] = CNN_INPUT) -> np.ndarray:
 def histogram_features(facing_right: Mapping[str, np.ndarray], bins: int = HISTOGRAM_BINS) -> np.ndarray:
     features = []
     for view in VIEWS:
-        counts, _ = np.histogram(standardise(facing_right[view]), bins=bins, density=False)
+        counts, _ = np.histogram(standardise.for_density(facing_right[view]), bins=bins, density=False)
         features.append(counts / counts.sum())
     return np.concatenate(features)[None]
 
@@ -62,7 +56,10 @@ def cnn_probabilities(
     model: torch.nn.Module, facing_right: Mapping[str, np.ndarray], device: torch.device | None = None
 ) -> list[float]:
     device = device or next(model.parameters()).device
-    x = {view: torch.from_numpy(standardise(conform(facing_right[view])))[None, None].to(device) for view in VIEWS}
+    x = {
+        view: torch.from_numpy(standardise.for_density(conform(facing_right[view])))[None, None].to(device)
+        for view in VIEWS
+    }
     with torch.inference_mode():
         return [float(p) for p in model(x)[0].cpu()]
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mammonode.pipeline import standardise
 from mammonode.pipeline.images import ImageInputError
+from mammonode.pipeline.inference import as_input, infer, prepare_model
 
 PATCH_SIZE = 256
 STRIDE_FIXED = 70
@@ -78,14 +80,6 @@ def make_grids(shapes: Sequence[tuple[int, int]], seed: int = 0) -> list[PatchGr
     return grids
 
 
-def standardise64(image: np.ndarray) -> np.ndarray:
-    """The original standardises the whole crop in float64 and feeds float32 patches."""
-    image = image.astype(np.float64)
-    image -= image.mean()
-    image /= max(image.std(), 1e-5)
-    return image.astype(np.float32)
-
-
 def _background_patches(raw: np.ndarray, corners: np.ndarray) -> np.ndarray:
     """Which patches hold only zero pixels (a summed-area table of the non-zero mask)."""
     nonzero = np.zeros((raw.shape[0] + 1, raw.shape[1] + 1), dtype=np.int64)
@@ -138,19 +132,11 @@ PatchRunner = Callable[[torch.Tensor], torch.Tensor]
 
 def patch_runner(model: nn.Module, channels_last: bool = True, precision: str = "fp32") -> PatchRunner:
     device = next(model.parameters()).device
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, channels_last)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        logits = infer(model, as_input(batch, device, channels_last), device, precision)
         with torch.inference_mode():
-            if precision == "bf16":
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                    logits = model(x)
-            else:
-                logits = model(x)
             return torch.softmax(logits.float(), dim=1).cpu()
 
     return run
@@ -168,7 +154,7 @@ def compute_heatmaps(
             raise ValueError("grid does not match its image")
         corners = grid.top_left
         corner_lists.append(corners)
-        standardised.append(torch.from_numpy(standardise64(crop)))
+        standardised.append(torch.from_numpy(standardise.for_heatmaps(crop)))
         background = _background_patches(crop, corners)
         todo.append((index, corners, background))
 

@@ -19,8 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from mammonode.dicom_views import faces_expected_way
-from mammonode.views import laterality
+from mammonode.exam.orientation import Frame, Orientation, mirrored_per_header, mirrored_per_pixels
 
 
 class ImageInputError(ValueError):
@@ -34,9 +33,9 @@ class ImageInputError(ValueError):
 @dataclass
 class PreparedView:
     view: str
-    image: np.ndarray  # float32, as acquired: L facing right, R facing left
+    image: np.ndarray  # float32, in the ACQUIRED frame: L facing right, R facing left
     source: str
-    mirrored: bool
+    orientation: Orientation
     orientation_source: str  # "patient_orientation", "pixels" or "png"
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
@@ -47,17 +46,7 @@ class PreparedView:
     @property
     def facing_right(self) -> np.ndarray:
         """The image with every view facing right (the frame of the models)."""
-        return self.image[:, ::-1] if laterality(self.view) == "R" else self.image
-
-
-def _mirrored_from_pixels(view: str, image: np.ndarray) -> bool:
-    """Which side holds the breast, when the header does not say: the chest wall is the
-    side with more tissue-bearing (non-zero) pixels."""
-    half = image.shape[1] // 2
-    left = np.count_nonzero(image[:, :half])
-    right = np.count_nonzero(image[:, half:])
-    faces_right = left >= right
-    return faces_right != (laterality(view) == "L")
+        return self.orientation.convert(self.image, Frame.ACQUIRED, Frame.FACING_RIGHT)
 
 
 def grey_pixels(ds: Dataset) -> np.ndarray:
@@ -98,19 +87,17 @@ def grey_pixels(ds: Dataset) -> np.ndarray:
 
 def prepare_dicom(view: str, ds: Dataset, source: str) -> PreparedView:
     image = grey_pixels(ds)
-    faces = faces_expected_way(view, ds)
-    if faces is None:
-        mirrored, how = _mirrored_from_pixels(view, image), "pixels"
-    else:
-        mirrored, how = not faces, "patient_orientation"
-    if mirrored:
-        image = np.ascontiguousarray(image[:, ::-1])
+    mirrored, how = mirrored_per_header(view, ds), "patient_orientation"
+    if mirrored is None:
+        mirrored, how = mirrored_per_pixels(view, image), "pixels"
+    orientation = Orientation(view, mirrored)
+    image = np.ascontiguousarray(orientation.convert(image, Frame.STORED, Frame.ACQUIRED))
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return PreparedView(
         view=view,
         image=image,
         source=source,
-        mirrored=bool(mirrored),
+        orientation=orientation,
         orientation_source=how,
         sop_class_uid=str(ds.get("SOPClassUID", "")) or None,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
@@ -126,6 +113,14 @@ def read_dicom(path: Path) -> Dataset:
         raise ImageInputError(f"{path}: not a readable DICOM file: {exc}") from exc
 
 
+def without_pixels(ds: Dataset) -> Dataset:
+    """The header alone, for the result objects once the pixels are prepared (a mammogram's
+    pixel data is tens of megabytes; the header is what the results copy)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+    return ds
+
+
 def prepare_png(view: str, path: Path, mirrored: bool = False) -> PreparedView:
     """A grey PNG as acquired (or stored mirrored, when ``mirrored``)."""
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -133,7 +128,6 @@ def prepare_png(view: str, path: Path, mirrored: bool = False) -> PreparedView:
         raise ImageInputError(f"{path}: not a readable PNG file")
     if pixels.ndim != 2:
         raise ImageInputError(f"{path}: not a grey-scale PNG (shape {pixels.shape})")
-    image = pixels.astype(np.float32)
-    if mirrored:
-        image = np.ascontiguousarray(image[:, ::-1])
-    return PreparedView(view=view, image=image, source=str(path), mirrored=mirrored, orientation_source="png")
+    orientation = Orientation(view, mirrored)
+    image = np.ascontiguousarray(orientation.convert(pixels.astype(np.float32), Frame.STORED, Frame.ACQUIRED))
+    return PreparedView(view=view, image=image, source=str(path), orientation=orientation, orientation_source="png")

@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mammonode.dicom_views import assign_view
+from mammonode.exam.assignment import assign_view
+from mammonode.exam.views import VIEWS
 from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, prepare_png, read_dicom
-from mammonode.views import VIEWS
 
 
 def parse_png_spec(spec: str) -> tuple[str, Path]:

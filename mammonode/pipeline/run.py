@@ -7,26 +7,27 @@ oriented and cropped once, and every stage works from those crops.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mammonode import __version__
+from mammonode.exam.orientation import Frame, Orientation
+from mammonode.exam.views import VIEWS, angle
 from mammonode.pipeline import classify, density
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import CropInfo, crop_breast
 from mammonode.pipeline.heatmaps import HeatmapStats, compute_heatmaps, make_grids, patch_runner
 from mammonode.pipeline.images import ImageInputError, PreparedView
-from mammonode.pipeline.model_registry import load_model
-from mammonode.pipeline.weights import MODEL_NAMES, ModelProvenance, WeightsError, model_file, provenance
-from mammonode.views import VIEWS, angle, laterality
+from mammonode.pipeline.registry import CANCER_MODELS, DENSITY_MODELS, SELECTABLE, check_selection
+from mammonode.pipeline.runtime import resolve_device
+from mammonode.pipeline.weights import ModelProvenance, WeightsError, load_model, model_file, provenance
 
-DEFAULT_MODELS = MODEL_NAMES
+DEFAULT_MODELS = SELECTABLE
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PipelineOptions:
 @dataclass
 class ViewResult:
     source: str
-    mirrored: bool
+    orientation: Orientation
     crop: CropInfo
     best_center: tuple[int, int]
     heatmap_benign: np.ndarray | None = None  # cropped frame, facing right
@@ -66,13 +67,12 @@ class ViewResult:
     sop_instance_uid: str | None = None
     sop_class_uid: str | None = None
     orientation_source: str = ""
-    faces_left: bool = False
     stride_lists: dict[str, list[int]] | None = None
 
     def as_dict(self) -> dict:
         out = {
             "source": self.source,
-            "mirrored": self.mirrored,
+            "mirrored": self.orientation.mirrored,
             "orientation_source": self.orientation_source,
             "crop": self.crop.as_dict(),
             "best_center": list(self.best_center),
@@ -89,13 +89,14 @@ class ViewResult:
             out["sop_instance_uid"] = self.sop_instance_uid
         return out
 
-    def heatmap_in_stored_frame(self, kind: str, shape: tuple[int, int]) -> np.ndarray:
-        """The heatmap placed back into the full image as acquired (NaN outside the crop)."""
+    def heatmap_in_frame(self, kind: str, shape: tuple[int, int], frame: Frame) -> np.ndarray:
+        """The heatmap placed back into the full image (``shape``, as acquired) and shown in
+        ``frame``; NaN outside the crop."""
         heatmap = self.heatmap_malignant if kind == "malignant" else self.heatmap_benign
         full = np.full(shape, np.nan, dtype=np.float32)
         top, bottom, left, right = self.crop.window_location
-        full[top:bottom, left:right] = heatmap if not self.faces_left else heatmap[:, ::-1]
-        return full
+        full[top:bottom, left:right] = self.orientation.convert(heatmap, Frame.FACING_RIGHT, Frame.ACQUIRED)
+        return self.orientation.convert(full, Frame.ACQUIRED, frame)
 
 
 def _stats(array: np.ndarray) -> dict:
@@ -146,19 +147,11 @@ class PipelineResult:
         return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _plan(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
     """Which models run, and why the others do not."""
     skipped: dict[str, str] = {}
     run = []
-    for name in options.models:
-        if name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    for name in check_selection(options.models):
         if not model_file(options.weights_dir, name).exists():
             skipped[name] = f"weights not installed ({model_file(options.weights_dir, name).name})"
             continue
@@ -169,6 +162,81 @@ def _plan(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
+@contextmanager
+def _timed(timing: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timing[stage] = time.perf_counter() - start
+
+
+def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndarray], dict[str, ViewResult]]:
+    """Each view's breast crop (facing right, the models' frame) and its ViewResult."""
+    crops, views = {}, {}
+    for view in VIEWS:
+        p = prepared[view]
+        try:
+            info = crop_breast(p.image, facing_right=p.orientation.faces_right(Frame.ACQUIRED))
+        except ImageInputError as exc:
+            raise ImageInputError(f"{view}: {exc}", view=view) from exc
+        top, bottom, left, right = info.window_location
+        cropped = p.orientation.convert(p.image[top:bottom, left:right], Frame.ACQUIRED, Frame.FACING_RIGHT)
+        crops[view] = np.ascontiguousarray(cropped)
+        views[view] = ViewResult(
+            source=p.source,
+            orientation=p.orientation,
+            crop=info,
+            best_center=(0, 0),
+            sop_instance_uid=p.sop_instance_uid,
+            sop_class_uid=p.sop_class_uid,
+            orientation_source=p.orientation_source,
+        )
+    return crops, views
+
+
+def _heatmaps(crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device) -> None:
+    patch_model = load_model("patch", options.weights_dir).to(device)
+    result.models["patch"] = provenance(options.weights_dir, "patch")
+    grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
+    runner = patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
+    maps, result.heatmap_stats = compute_heatmaps([crops[v] for v in VIEWS], grids, runner, options.heatmap_batch)
+    for view, m, grid in zip(VIEWS, maps, grids):
+        result.views[view].heatmap_benign = m.benign
+        result.views[view].heatmap_malignant = m.malignant
+        result.views[view].stride_lists = {"width": grid.width_strides, "length": grid.length_strides}
+
+
+def _cancer(name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device) -> None:
+    model = load_model(name, options.weights_dir).to(device)
+    result.models[name] = provenance(options.weights_dir, name)
+    heatmaps = None
+    if name == "image_heatmaps":
+        heatmaps = {v: np.dstack([result.views[v].heatmap_benign, result.views[v].heatmap_malignant]) for v in VIEWS}
+    result.cancer[name] = classify.predict(
+        model,
+        crops,
+        heatmaps,
+        {v: result.views[v].best_center for v in VIEWS},
+        epochs=options.epochs,
+        seed=options.seed,
+        augmentation=options.augmentation,
+        batch_size=options.classifier_batch,
+        device=device,
+        precision=options.precision,
+    )
+
+
+def _density(names: list[str], prepared: Mapping[str, PreparedView], result: PipelineResult, options, device) -> None:
+    facing_right = {v: prepared[v].facing_right for v in VIEWS}
+    for name in names:
+        model = load_model(name, options.weights_dir).to(device)
+        result.models[name] = provenance(options.weights_dir, name)
+        if name == "density_histogram":
+            probs = density.histogram_probabilities(model.cpu(), facing_right)
+        else:
+            probs = density.cnn_probabilities(model, facing_right, device)
+        result.density[name.removeprefix("density_")] = {"probabilities": probs, "category": density.category(probs)}
+
+
 def run_pipeline(
     prepared: Mapping[str, PreparedView], options: PipelineOptions, timing: dict[str, float] | None = None
 ) -> PipelineResult:
@@ -176,13 +244,6 @@ def run_pipeline(
     if missing:
         raise ImageInputError(f"the exam lacks views: {', '.join(missing)}")
     device = resolve_device(options.device)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = options.precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = options.precision == "tf32"
     timing = dict(timing or {})
     total_start = time.perf_counter()
     models_to_run, skipped = _plan(options)
@@ -194,98 +255,22 @@ def run_pipeline(
         parameters=options.parameters(),
         device=str(device),
     )
-
-    start = time.perf_counter()
-    crops: dict[str, np.ndarray] = {}
-    for view in VIEWS:
-        p = prepared[view]
-        try:
-            info = crop_breast(p.image, facing_right=laterality(view) == "L")
-        except ImageInputError as exc:
-            raise ImageInputError(f"{view}: {exc}", view=view) from exc
-        top, bottom, left, right = info.window_location
-        cropped = p.image[top:bottom, left:right]
-        if laterality(view) == "R":
-            cropped = cropped[:, ::-1]
-        crops[view] = np.ascontiguousarray(cropped)
-        result.views[view] = ViewResult(
-            source=p.source,
-            mirrored=p.mirrored,
-            crop=info,
-            best_center=(0, 0),
-            sop_instance_uid=p.sop_instance_uid,
-            sop_class_uid=p.sop_class_uid,
-            orientation_source=p.orientation_source,
-            faces_left=laterality(view) == "R",
-        )
-    timing["crop"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    for view in VIEWS:
-        result.views[view].best_center = best_center(crops[view], angle(view), result.views[view].crop)
-    timing["centers"] = time.perf_counter() - start
-
-    need_heatmaps = "image_heatmaps" in models_to_run
-    if need_heatmaps:
-        start = time.perf_counter()
-        patch_model = load_model("patch", options.weights_dir).to(device)
-        result.models["patch"] = provenance(options.weights_dir, "patch")
-        grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
-        runner = patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
-        maps, result.heatmap_stats = compute_heatmaps(
-            [crops[v] for v in VIEWS], grids, runner, batch_size=options.heatmap_batch
-        )
-        for view, m, grid in zip(VIEWS, maps, grids):
-            result.views[view].heatmap_benign = m.benign
-            result.views[view].heatmap_malignant = m.malignant
-            result.views[view].stride_lists = {"width": grid.width_strides, "length": grid.length_strides}
-        del patch_model
-        timing["heatmaps"] = time.perf_counter() - start
-
-    centers = {v: result.views[v].best_center for v in VIEWS}
-    for name in ("image_only", "image_heatmaps"):
-        if name not in models_to_run:
-            continue
-        start = time.perf_counter()
-        model = load_model(name, options.weights_dir).to(device)
-        result.models[name] = provenance(options.weights_dir, name)
-        heatmaps = None
-        if name == "image_heatmaps":
-            heatmaps = {
-                v: np.dstack([result.views[v].heatmap_benign, result.views[v].heatmap_malignant]) for v in VIEWS
-            }
-        result.cancer[name] = classify.predict(
-            model,
-            crops,
-            heatmaps,
-            centers,
-            epochs=options.epochs,
-            seed=options.seed,
-            augmentation=options.augmentation,
-            batch_size=options.classifier_batch,
-            device=device,
-            precision=options.precision,
-        )
-        del model
-        timing[name] = time.perf_counter() - start
-
-    density_models = [m for m in ("density_histogram", "density_cnn") if m in models_to_run]
+    with _timed(timing, "crop"):
+        crops, result.views = _crop_views(prepared)
+    with _timed(timing, "centers"):
+        for view in VIEWS:
+            result.views[view].best_center = best_center(crops[view], angle(view), result.views[view].crop)
+    if "image_heatmaps" in models_to_run:
+        with _timed(timing, "heatmaps"):
+            _heatmaps(crops, result, options, device)
+    for name in CANCER_MODELS:
+        if name in models_to_run:
+            with _timed(timing, name):
+                _cancer(name, crops, result, options, device)
+    density_models = [m for m in DENSITY_MODELS if m in models_to_run]
     if density_models:
-        start = time.perf_counter()
-        facing_right = {v: prepared[v].facing_right for v in VIEWS}
-        for name in density_models:
-            model = load_model(name, options.weights_dir).to(device)
-            result.models[name] = provenance(options.weights_dir, name)
-            if name == "density_histogram":
-                probs = density.histogram_probabilities(model.cpu(), facing_right)
-            else:
-                probs = density.cnn_probabilities(model, facing_right, device)
-            result.density[name.removeprefix("density_")] = {
-                "probabilities": probs,
-                "category": density.category(probs),
-            }
-        timing["density"] = time.perf_counter() - start
-
+        with _timed(timing, "density"):
+            _density(density_models, prepared, result, options, device)
     timing["total"] = timing.get("prepare", 0.0) + time.perf_counter() - total_start
     result.timing_s = timing
     return result

@@ -2,16 +2,15 @@
 
 The files are read with ``torch.load(weights_only=True)`` (no pickle code execution), cast to
 float32, and loaded strictly: the first missing, unexpected or mis-shaped key is named in
-the error. Old torchvision DenseNet spelling (``norm.1``) and missing
-``num_batches_tracked`` entries are accepted, as PyTorch itself accepts them.
+the error. Each model's legacy key spelling is mapped by the registry (the patch model's old
+torchvision ``norm.1``); missing ``num_batches_tracked`` entries are accepted, as PyTorch
+itself accepts them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-import tomllib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,25 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mammonode.pipeline.names import ALL_MODELS, MODEL_NAMES
+from mammonode.pipeline.registry import ModelSpec, spec
 
 TEST_MARKER = "TEST_WEIGHTS"
-__all__ = ["ALL_MODELS", "MODEL_NAMES", "TEST_MARKER"]
 
 
 class WeightsError(RuntimeError):
     """A weight file is missing, unreadable, or does not fit the architecture."""
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    name: str
-    file: str
-    architecture: str
-    role: str
-    origin: str
-    license: str
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -49,20 +36,6 @@ class ModelProvenance:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def manifest_path() -> Path:
-    packaged = Path(__file__).resolve().parent.parent / "weights_manifest.toml"
-    if packaged.exists():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "weights" / "manifest.toml"
-
-
-@lru_cache(maxsize=1)
-def manifest() -> dict[str, ManifestEntry]:
-    with open(manifest_path(), "rb") as fh:
-        data = tomllib.load(fh)
-    return {name: ManifestEntry(name=name, **fields) for name, fields in data["models"].items()}
 
 
 def sha256_of(path: Path) -> str:
@@ -84,13 +57,13 @@ def is_test_dir(weights_dir: Path) -> bool:
 
 
 def model_file(weights_dir: Path, name: str) -> Path:
-    return weights_dir / manifest()[name].file
+    return weights_dir / spec(name).file
 
 
 def provenance(weights_dir: Path, name: str) -> ModelProvenance:
     path = model_file(weights_dir, name)
     digest = sha256_of(path)
-    expected = manifest()[name].sha256
+    expected = spec(name).manifest.sha256
     verified = bool(expected) and digest == expected
     # A file whose checksum is the official one is not a test weight, whatever directory holds it.
     return ModelProvenance(
@@ -98,33 +71,21 @@ def provenance(weights_dir: Path, name: str) -> ModelProvenance:
     )
 
 
-_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
-
-
-def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        match = _OLD_DENSENET.match(key)
-        if match:
-            key = match.group(1) + match.group(2)
-        out[key] = value
-    return out
-
-
-def read_state_dict(path: Path, nested_key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, model: ModelSpec) -> dict[str, torch.Tensor]:
+    """The file's tensors (float32) under this project's key spelling."""
     if not path.exists():
         raise WeightsError(f"weights file not found: {path}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
-    if nested_key is not None:
-        if not isinstance(loaded, dict) or nested_key not in loaded:
-            raise WeightsError(f"{path}: expected a dict with key {nested_key!r}")
-        loaded = loaded[nested_key]
+    if model.nested_key is not None:
+        if not isinstance(loaded, dict) or model.nested_key not in loaded:
+            raise WeightsError(f"{path}: expected a dict with key {model.nested_key!r}")
+        loaded = loaded[model.nested_key]
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path}: expected a state_dict, found {type(loaded).__name__}")
-    return {k: v.float() if v.is_floating_point() else v for k, v in _normalise_keys(dict(loaded)).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in model.from_original(dict(loaded)).items()}
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
@@ -145,6 +106,18 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
             raise WeightsError(f"{path}: unexpected key {key!r}")
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_model(name: str, weights_dir: Path) -> nn.Module:
+    """The named model with its weights, in eval mode; WeightsError names what does not fit."""
+    model = spec(name)
+    path = model_file(weights_dir, name)
+    loaded = load_strict(model.build(), read_state_dict(path, model), path)
+    if name == "patch":
+        from mammonode.pipeline.models.densenet import grey_input_densenet
+
+        loaded = grey_input_densenet(loaded)
+    return loaded
 
 
 def default_weights_dir() -> Path:

@@ -19,8 +19,8 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-from mammonode.phantom import exam_datasets
-from mammonode.testweights import generate
+from mammonode.demo.phantom import exam_datasets
+from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
 pytestmark = pytest.mark.network
 MG = "1.2.840.10008.5.1.4.1.1.1.2"

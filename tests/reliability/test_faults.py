@@ -10,11 +10,13 @@ import time
 
 import pydicom
 import pytest
-from conftest import REPO, free_port, need_shared, need_tool, send_datasets
-from peers import StoreSCP
+from support.dicom import send_datasets
+from support.paths import REPO, need_shared, need_tool
+from support.peers import StoreSCP
 
-from mammonode.phantom import exam_datasets
-from mammonode.testweights import generate
+from mammonode.demo.loopback import free_port
+from mammonode.demo.phantom import exam_datasets
+from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
 pytestmark = pytest.mark.network
 
@@ -168,7 +170,7 @@ class FlakyPacs:
         from pynetdicom import AE, evt
         from pynetdicom.presentation import AllStoragePresentationContexts
 
-        from mammonode.netutil import free_port
+        from mammonode.demo.loopback import free_port
 
         self.mode = "reject"
         self.stored: list[str] = []
@@ -176,8 +178,9 @@ class FlakyPacs:
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax)
         self.port = free_port()
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self._store)])
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def _store(self, event):
         if self.mode == "fail":
@@ -200,9 +203,12 @@ def test_destination_rejecting_then_failing_then_accepting(node_factory, tmp_pat
     weights = generate(tmp_path / "w", models=("density_histogram",))
     pacs = FlakyPacs()
     pacs.mode = "reject"
-    node = node_factory(weights_dir=weights, pipeline={"models": ["density_histogram"]},
-                        destinations=[{"name": "flaky", "ae_title": "FLAKY", "host": "127.0.0.1", "port": pacs.port}],
-                        delivery={"max_attempts": 100, "backoff_initial_s": 0.5, "backoff_max_s": 1.0}).start()
+    node = node_factory(
+        weights_dir=weights,
+        pipeline={"models": ["density_histogram"]},
+        destinations=[{"name": "flaky", "ae_title": "FLAKY", "host": "127.0.0.1", "port": pacs.port}],
+        delivery={"max_attempts": 100, "backoff_initial_s": 0.5, "backoff_max_s": 1.0},
+    ).start()
     try:
         datasets = exam_datasets(shape=(600, 480))
         assert send_datasets(node.port, datasets) == [0, 0, 0, 0]

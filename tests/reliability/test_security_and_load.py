@@ -13,71 +13,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import make_exams  # noqa: E402  (the benchmarks make their studies the same way)
-from conftest import need_shared, need_tool
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from support.paths import need_shared, need_tool
+from support.pki import make_pki
 
 pytestmark = pytest.mark.network
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([need_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=mammonode test CA",
-        cwd=folder,
-    )
-    extensions = (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth"))
-    for name, san in extensions:
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=folder,
-        )
-        (folder / f"{name}.ext").write_text(san + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            cwd=folder,
-        )
-    return {p.stem + p.suffix: p for p in folder.iterdir()}
 
 
 def test_dimse_over_mutual_tls_with_dcmtk(node_factory, tmp_path):
@@ -152,7 +93,7 @@ def _vm_hwm_mb(pid: int) -> float:
 
 
 def test_eight_concurrent_senders_each_instance_and_study_once(node_factory, tmp_path):
-    from mammonode.testweights import generate
+    from mammonode.pipeline.weights_admin import generate_test_weights as generate
 
     storescu = need_tool("storescu")
     studies = make_studies(tmp_path / "studies", 40, size=(650, 500))

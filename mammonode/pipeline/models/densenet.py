@@ -13,6 +13,8 @@ extra copy; only the stem (7x7/2 conv and 3x3/2 max pool) pads explicitly.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,3 +172,23 @@ def grey_input_densenet(model: DenseNet121) -> DenseNet121:
         grey.weight.copy_(conv0.weight.sum(dim=1, keepdim=True))
     model.features.conv0 = grey.to(conv0.weight.device, conv0.weight.dtype)
     return model
+
+
+# torchvision 0.2 spelled a dense layer's sub-modules ``norm.1``/``conv.1``; NYU's patch model
+# file keeps that spelling. PyTorch accepts it too (DenseNet's _load_from_state_dict).
+_OLD_SPELLING = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_NEW_SPELLING = re.compile(r"(denselayer\d+\.(?:norm|conv))([12])\.")
+
+
+def from_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original file's keys in this module's spelling."""
+    out = {}
+    for key, value in state.items():
+        match = _OLD_SPELLING.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This module's keys in the original file's spelling (for writing test weights)."""
+    return {_NEW_SPELLING.sub(r"\1.\2.", k): v for k, v in state.items()}

@@ -1,0 +1,3 @@
+from mammonode.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The CLI's shared parts: the typer apps, consoles, and loading config and database."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mammonode import __version__
+from mammonode.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=f"mammonode {__version__}: AI node for screening mammography (NYU breast cancer and density models).",
+)
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+weights_app = typer.Typer(no_args_is_help=True, help="Model weights: install, list, verify.")
+app.add_typer(db_app, name="db")
+app.add_typer(weights_app, name="weights")
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="config file (default ./config.toml or $MAMMONODE_CONFIG)")
+
+
+def config_or_exit(path: Path | None) -> Config:
+    from mammonode.pipeline.registry import check_selection
+
+    try:
+        cfg = load_config(path)
+        try:
+            check_selection(cfg.pipeline.models)
+        except ValueError as exc:
+            raise ConfigError(f"pipeline.models: {exc}") from None
+        return cfg
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def setup_logging(cfg: Config, level: str | None = None) -> None:
+    from mammonode import logs
+
+    logs.setup(level or cfg.logging.level, cfg.logging.json, cfg.logging.file)
+
+
+def open_db(cfg: Config):
+    from mammonode.db import open_database
+
+    return open_database(cfg)
+
+
+def optional_config(path: Path | None) -> Config:
+    """The config file when one is given or in the working directory, else the defaults."""
+    return config_or_exit(path) if path or Path("config.toml").exists() else Config()
+
+
+def study_or_exit(session, uid: str):
+    from mammonode.db.queries import find_study
+
+    found = find_study(session, uid)
+    if found is None:
+        err.print(f"no study {uid}")
+        raise typer.Exit(1)
+    return found
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,185 @@
+"""``predict`` (the pipeline on one exam) and ``weights`` (install, list, verify)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mammonode.cli.app import (
+    ConfigOption,
+    app,
+    console,
+    err,
+    optional_config,
+    print_json,
+    weights_app,
+)
+
+
+@app.command()
+def predict(
+    files: list[Path] = typer.Argument(None, help="DICOM files of one exam (the four views)"),
+    png: list[str] = typer.Option([], "--png", help="VIEW=PATH, a grey PNG as acquired (repeatable)"),
+    png_mirrored: list[str] = typer.Option([], "--png-mirrored", help="VIEW whose PNG is stored mirrored"),
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+    epochs: int = typer.Option(10, "--epochs"),
+    no_augmentation: bool = typer.Option(False, "--no-augmentation"),
+    models: str | None = typer.Option(None, "--models", help="comma-separated subset of the models"),
+    heatmaps_out: Path | None = typer.Option(None, "--heatmaps-out"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
+    heatmap_batch: int = typer.Option(8, "--heatmap-batch"),
+    results_out: Path | None = typer.Option(None, "--results-out", help="also write SR and SC objects here"),
+    config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the pipeline on one exam and print the result (the node's workers call the same code)."""
+    from mammonode.pipeline.images import ImageInputError
+    from mammonode.pipeline.inputs import prepare_exam
+    from mammonode.pipeline.run import DEFAULT_MODELS, PipelineOptions, run_pipeline
+    from mammonode.pipeline.runtime import configure_torch
+    from mammonode.pipeline.weights import WeightsError
+
+    cfg = optional_config(config)
+    if precision not in ("fp32", "bf16", "tf32"):
+        err.print("--precision: fp32, bf16 or tf32")
+        raise typer.Exit(2)
+    chosen = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
+    options = PipelineOptions(
+        weights_dir=weights_dir or cfg.weights_dir,
+        device=device,
+        seed=seed,
+        epochs=epochs,
+        augmentation=not no_augmentation,
+        models=chosen,
+        precision=precision,
+        heatmap_batch=heatmap_batch,
+    )
+    try:
+        prepared, seconds = prepare_exam(files or [], png, png_mirrored)
+        configure_torch(options.device, options.precision)
+        result = run_pipeline(prepared, options, {"prepare": seconds})
+    except (ImageInputError, WeightsError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if heatmaps_out is not None:
+        import numpy as np
+
+        heatmaps_out.mkdir(parents=True, exist_ok=True)
+        for view, v in result.views.items():
+            if v.heatmap_malignant is not None:
+                np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant.astype(np.float32))
+                np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign.astype(np.float32))
+    data = result.as_dict()
+    if results_out is not None:
+        data["result_files"] = _write_results(result, prepared, files or [], results_out)
+    if as_json:
+        print_json(data)
+        return
+    _print_human(data)
+
+
+def _write_results(result, prepared, files: list[Path], out: Path) -> list[str]:
+    from mammonode.pipeline.images import read_dicom, without_pixels
+    from mammonode.reporting.objects import build_objects, sources_from_prepared
+    from mammonode.reporting.uids import stable_uid
+
+    if len(files) != 4:
+        raise typer.BadParameter("--results-out needs the four views as DICOM files")
+    headers = {view: without_pixels(read_dicom(Path(p.source))) for view, p in prepared.items()}
+    key = stable_uid(result.study_instance_uid or "", "predict", "cli")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for obj in build_objects(result, sources_from_prepared(prepared, headers), result.study_instance_uid, key):
+        path = out / f"{obj.kind}.dcm"
+        obj.dataset.save_as(path, enforce_file_format=True)
+        written.append(str(path))
+    return written
+
+
+def _print_human(data: dict) -> None:
+    notice = " [red](TEST WEIGHTS - NOT FOR CLINICAL USE)[/red]" if data.get("test_weights") else ""
+    console.print(f"study {data['study_instance_uid']}{notice}", highlight=False)
+    for model, preds in data["cancer"].items():
+        console.print(f"  {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in preds.items()), highlight=False)
+    for model, d in data["density"].items():
+        console.print(
+            f"  density {model}: category {d['category']} " + str([round(p, 4) for p in d["probabilities"]]),
+            highlight=False,
+        )
+    for name, reason in data.get("skipped", {}).items():
+        console.print(f"  [yellow]skipped {name}: {reason}[/yellow]", highlight=False)
+    console.print("  timing: " + ", ".join(f"{k} {v:.1f}s" for k, v in data["timing_s"].items()), highlight=False)
+
+
+@weights_app.command("list")
+def weights_list(
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Installed and missing weight files, with checksums."""
+    from mammonode.pipeline.weights_admin import listing
+
+    cfg = optional_config(config)
+    rows = listing(weights_dir or cfg.weights_dir)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table()
+    for col in ("model", "file", "installed", "sha256", "verified", "test"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["model"],
+            r["file"],
+            str(r["installed"]),
+            (r["sha256"] or "")[:16],
+            str(r["verified"]),
+            str(r["test_weights"]),
+        )
+    console.print(table)
+
+
+@weights_app.command("verify")
+def weights_verify(
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Load every installed file into its architecture and compare checksums with the manifest.
+    Exit 1 when a file is corrupt, does not fit, or contradicts a known checksum."""
+    from mammonode.pipeline.weights_admin import verify
+
+    cfg = optional_config(config)
+    rows = verify(weights_dir or cfg.weights_dir)
+    if as_json:
+        print_json(rows)
+    else:
+        for r in rows:
+            console.print(f"{r['model']:18} {r['status']:10} {r['detail']}", highlight=False)
+    if any(r["status"] == "bad" for r in rows):
+        raise typer.Exit(1)
+
+
+@weights_app.command("install")
+def weights_install(
+    source: str = typer.Option(..., "--from", help="a directory or a base URL holding the files"),
+    config: Path | None = ConfigOption,
+    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    test_weights: bool = typer.Option(False, "--test-weights", help="mark the installed directory as test weights"),
+) -> None:
+    """Copy (or download) weight files under their manifest names into the weights directory."""
+    from mammonode.pipeline.weights_admin import install
+
+    cfg = optional_config(config)
+    try:
+        rows = install(source, weights_dir or cfg.weights_dir, test_weights)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for r in rows:
+        console.print(f"{r['model']:18} {r['status']:10} {r['detail']}", highlight=False)

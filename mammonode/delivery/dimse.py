@@ -1,0 +1,65 @@
+"""Results out over DIMSE: one association per destination and batch, C-STORE each object."""
+
+from __future__ import annotations
+
+import ssl
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from mammonode.config import Destination
+from mammonode.delivery.status import DELIVERED_STATUSES, Item, Outcome
+
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+def _client_ssl(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    if not dest.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    return context, dest.host
+
+
+def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> Outcome:
+    """C-STORE each (delivery id, file, SOP class) over one association, negotiating exactly
+    the SOP classes it carries. ``calling_ae_title`` unless the destination names its own."""
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.network_timeout = 60
+    for sop_class in sorted({sop for _, _, sop in items}):
+        ae.requested_contexts.append(build_context(sop_class, TRANSFER_SYNTAXES))
+    outcome: dict[int, tuple[int | None, str]] = {}
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_client_ssl(dest))
+    except OSError as exc:
+        return {i: (None, f"connect failed: {exc}") for i, _, _ in items}
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "association failed (no answer or aborted)"
+        return {i: (None, reason) for i, _, _ in items}
+    try:
+        for delivery_id, path, _sop in items:
+            if not assoc.is_established:
+                outcome[delivery_id] = (None, "association lost")
+                continue
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception as exc:
+                outcome[delivery_id] = (None, f"cannot read result file: {exc}")
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # pynetdicom raises on context problems
+                outcome[delivery_id] = (None, f"C-STORE error: {exc}")
+                continue
+            if status is None or "Status" not in status:
+                outcome[delivery_id] = (None, "no response (timeout or abort)")
+            else:
+                code = int(status.Status)
+                comment = str(status.get("ErrorComment", "")) if code not in DELIVERED_STATUSES else ""
+                outcome[delivery_id] = (code, comment or f"status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcome

@@ -1,0 +1,70 @@
+"""Results out over STOW-RS: each object POSTed to ``<url>/studies`` as multipart/related."""
+
+from __future__ import annotations
+
+import pydicom
+
+from mammonode.config import Destination
+from mammonode.delivery.status import Item, Outcome
+
+
+def _stow_outcome(body: bytes, sop_uid: str) -> tuple[int | None, str]:
+    """Read a STOW-RS response (DICOM JSON) for one instance."""
+    import json
+
+    from pydicom.dataset import Dataset
+
+    try:
+        ds = Dataset.from_json(json.loads(body or b"{}"))
+    except Exception:
+        return None, "unreadable STOW-RS response"
+    for item in ds.get("ReferencedSOPSequence", []):
+        if str(item.get("ReferencedSOPInstanceUID", "")) == sop_uid:
+            warning = item.get("WarningReason")
+            return (int(warning) if warning else 0x0000), ""
+    for item in ds.get("FailedSOPSequence", []):
+        if str(item.get("ReferencedSOPInstanceUID", "")) == sop_uid:
+            reason = int(item.get("FailureReason", 0xC000))
+            return reason, f"STOW-RS failure reason 0x{reason:04X}"
+    return None, "instance missing from the STOW-RS response"
+
+
+def send_stow(dest: Destination, items: list[Item]) -> Outcome:
+    """POST each object to <url>/studies as multipart/related; type="application/dicom"."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    outcome: dict[int, tuple[int | None, str]] = {}
+    url = dest.url.rstrip("/") + "/studies"
+    for delivery_id, path, _sop in items:
+        try:
+            payload = path.read_bytes()
+            sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        except Exception as exc:
+            outcome[delivery_id] = (None, f"cannot read result file: {exc}")
+            continue
+        boundary = uuid.uuid4().hex
+        body = (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + payload
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        if dest.token:
+            headers["Authorization"] = f"Bearer {dest.token}"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                outcome[delivery_id] = _stow_outcome(response.read(), sop_uid)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (202, 409):
+                outcome[delivery_id] = _stow_outcome(exc.read(), sop_uid)
+            else:
+                outcome[delivery_id] = (None, f"HTTP {exc.code} from {url}")
+        except (OSError, urllib.error.URLError) as exc:
+            outcome[delivery_id] = (None, f"connect failed: {exc}")
+    return outcome

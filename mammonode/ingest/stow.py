@@ -1,0 +1,224 @@
+"""The STOW-RS handler: a multipart/related POST of DICOM parts, stored like C-STOREs.
+
+Parts are streamed to temporary files and go through the same :func:`ingest` as C-STORE: a
+part is reported stored only once it is on disk and in the database. The response (DICOM
+JSON, or XML when asked for) lists what was stored and what was refused, with why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from python_multipart import MultipartParser
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from mammonode.db.session import Database
+from mammonode.ingest.store import DOES_NOT_MATCH_SOP_CLASS, StoreError, ingest, read_header
+from mammonode.metrics import METRICS
+
+log = logging.getLogger(__name__)
+DICOM_JSON = "application/dicom+json"
+MAX_PART_HEADERS = 32
+
+
+def dicomweb_base(request: Request, configured: str = "") -> str:
+    """This service's DICOMweb root for RetrieveURLs: configured, else from the request."""
+    if configured:
+        return configured.rstrip("/")
+    return str(request.base_url).rstrip("/") + "/dicomweb"
+
+
+def _sop_item(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_uid
+    return item
+
+
+def _xml(ds: Dataset) -> str:
+    """PS3.19 Native DICOM Model XML for the (flat + one level of sequences) STOW response."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    def attrs(d: Dataset) -> str:
+        parts = []
+        for elem in d:
+            tag = f"{elem.tag.group:04X}{elem.tag.element:04X}"
+            vr = dictionary_VR(elem.tag)
+            head = f'<DicomAttribute tag="{tag}" vr="{vr}" keyword="{keyword_for_tag(elem.tag)}">'
+            if vr == "SQ":
+                items = "".join(f'<Item number="{i + 1}">{attrs(item)}</Item>' for i, item in enumerate(elem.value))
+                parts.append(head + items + "</DicomAttribute>")
+            else:
+                values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
+                body = "".join(f'<Value number="{i + 1}">{v}</Value>' for i, v in enumerate(values))
+                parts.append(head + body + "</DicomAttribute>")
+        return "".join(parts)
+
+    return f'<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel>{attrs(ds)}</NativeDicomModel>'
+
+
+class StowHandler:
+    """``POST /dicomweb/studies[/{study}]``."""
+
+    def __init__(self, storage_dir: Path, db: Database, base_url: str = ""):
+        self.storage_dir = storage_dir
+        self.db = db
+        self.base_url = base_url
+
+    async def _spool_parts(self, request: Request, folder: Path) -> list[tuple[Path, str]]:
+        content_type = request.headers.get("content-type", "")
+        params = {}
+        for piece in content_type.split(";")[1:]:
+            if "=" in piece:
+                key, value = piece.split("=", 1)
+                params[key.strip().lower()] = value.strip().strip('"')
+        if not content_type.lower().startswith("multipart/related") or "boundary" not in params:
+            raise ValueError('expected multipart/related; type="application/dicom" with a boundary')
+        if params.get("type", "application/dicom").lower() != "application/dicom":
+            raise TypeError(f"part type {params.get('type')} is not supported; send application/dicom")
+        parts: list[tuple[Path, str]] = []
+        state = {"file": None, "field": b"", "headers": {}, "value": b""}
+
+        def on_part_begin():
+            path = folder / f"{uuid.uuid4().hex}.dcm"
+            state["file"] = open(path, "wb")
+            state["headers"] = {}
+            parts.append((path, ""))
+
+        def on_part_data(data, start, end):
+            state["file"].write(data[start:end])
+
+        def on_part_end():
+            state["file"].close()
+            path, _ = parts[-1]
+            parts[-1] = (path, state["headers"].get("content-type", "application/dicom"))
+
+        def on_header_field(data, start, end):
+            state["field"] += data[start:end]
+
+        def on_header_value(data, start, end):
+            state["value"] += data[start:end]
+
+        def on_header_end():
+            if len(state["headers"]) < MAX_PART_HEADERS:
+                state["headers"][state["field"].decode("latin-1").lower()] = state["value"].decode("latin-1").strip()
+            state["field"], state["value"] = b"", b""
+
+        parser = MultipartParser(
+            params["boundary"],
+            {
+                "on_part_begin": on_part_begin,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+            },
+        )
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        finally:
+            if state["file"] is not None and not state["file"].closed:
+                state["file"].close()
+        return parts
+
+    async def post(self, request: Request) -> Response:
+        expected_study = request.path_params.get("study")
+        with tempfile.TemporaryDirectory(prefix="stow-") as tmp:
+            try:
+                parts = await self._spool_parts(request, Path(tmp))
+            except TypeError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=415)
+            except Exception as exc:
+                return JSONResponse({"error": f"cannot parse the multipart body: {exc}"}, status_code=400)
+            if not parts:
+                return JSONResponse({"error": "no DICOM parts in the request"}, status_code=400)
+            client = request.client.host if request.client else "unknown"
+            results = [
+                await run_in_threadpool(self._store_part, path, kind, expected_study, client) for path, kind in parts
+            ]
+        response = Dataset()
+        stored = [r for r in results if r[0] == "ok"]
+        failed = [r for r in results if r[0] != "ok"]
+        base = dicomweb_base(request, self.base_url)
+        if expected_study:
+            response.RetrieveURL = f"{base}/studies/{expected_study}"
+        if stored:
+            items = []
+            for _, sop_class, sop_uid, study_uid, series_uid, _ in stored:
+                item = _sop_item(sop_class, sop_uid)
+                item.RetrieveURL = f"{base}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+                items.append(item)
+            response.ReferencedSOPSequence = items
+        if failed:
+            items = []
+            for _, sop_class, sop_uid, _, _, reason in failed:
+                item = _sop_item(sop_class or "", sop_uid or "")
+                item.FailureReason = reason
+                items.append(item)
+            response.FailedSOPSequence = items
+        code = 200 if not failed else (202 if stored else 409)
+        if "xml" in request.headers.get("accept", ""):
+            return Response(_xml(response), status_code=code, media_type="application/dicom+xml")
+        return Response(json.dumps(response.to_json_dict()), status_code=code, media_type=DICOM_JSON)
+
+    @staticmethod
+    def _as_file(path: Path, kind: str) -> None:
+        """Some clients send a part without the 128-byte preamble and "DICM" (or without File
+        Meta Information); rewrite such a part as a proper DICOM file before ingesting it."""
+        import pydicom
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if head[128:132] == b"DICM":
+            return
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            _ = ds.SOPInstanceUID
+        except Exception as exc:
+            raise StoreError(0xC000, "part is not a DICOM data set") from exc
+        meta = getattr(ds, "file_meta", None) or Dataset()
+        if "TransferSyntaxUID" not in meta:
+            syntax = dict(p.strip().split("=", 1) for p in kind.split(";")[1:] if "=" in p).get("transfer-syntax")
+            meta.TransferSyntaxUID = syntax or (
+                ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
+            )
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta = pydicom.dataset.FileMetaDataset(meta)
+        ds.save_as(path, enforce_file_format=True)
+
+    def _store_part(self, path: Path, kind: str, expected_study: str | None, client: str):
+        sop_class = sop_uid = None
+        try:
+            if not kind.lower().startswith("application/dicom"):
+                raise StoreError(0xC000, f"part content type {kind} is not application/dicom")
+            self._as_file(path, kind)
+            header = read_header(path) if path.stat().st_size > 132 else None
+            if header is not None:
+                sop_class = str(header.get("SOPClassUID", "")) or None
+                sop_uid = str(header.get("SOPInstanceUID", "")) or None
+                if expected_study and str(header.get("StudyInstanceUID", "")) != expected_study:
+                    raise StoreError(DOES_NOT_MATCH_SOP_CLASS, "Study Instance UID differs from the request URL")
+            result = ingest(path, self.storage_dir, self.db, calling_ae=f"STOW:{client}"[:64])
+        except StoreError as exc:
+            METRICS.instances.labels(sop_class or "unknown", "failed", "dicomweb").inc()
+            log.warning("STOW-RS part refused: 0x%04X %s", exc.status, exc.comment)
+            return ("failed", sop_class, sop_uid, None, None, exc.status)
+        except Exception as exc:
+            METRICS.instances.labels(sop_class or "unknown", "failed", "dicomweb").inc()
+            log.warning("STOW-RS part refused: %s", type(exc).__name__)
+            return ("failed", sop_class, sop_uid, None, None, 0xC000)
+        METRICS.instances.labels(sop_class or "unknown", str(result.outcome), "dicomweb").inc()
+        series = str(read_header(result.path).get("SeriesInstanceUID", ""))
+        return ("ok", sop_class, result.sop_instance_uid, result.study_instance_uid, series, 0)

@@ -1,0 +1,165 @@
+"""Weight-file tooling: install, list and verify a weights directory (``mammonode weights``),
+and write seeded test weights in the original file formats (demo and tests)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from mammonode.pipeline.registry import MODELS, spec
+from mammonode.pipeline.weights import (
+    TEST_MARKER,
+    WeightsError,
+    is_test_dir,
+    load_model,
+    model_file,
+    provenance,
+    sha256_of,
+)
+
+
+def listing(weights_dir: Path) -> list[dict]:
+    rows = []
+    test_dir = is_test_dir(weights_dir)
+    for name in MODELS:
+        entry = spec(name).manifest
+        path = model_file(weights_dir, name)
+        row = {
+            "model": name,
+            "file": entry.file,
+            "path": str(path),
+            "installed": path.exists(),
+            "sha256": None,
+            "expected_sha256": entry.sha256 or None,
+            "verified": False,
+            "test_weights": test_dir,
+            "origin": entry.origin,
+            "license": entry.license,
+        }
+        if path.exists():
+            prov = provenance(weights_dir, name)
+            row.update(sha256=prov.sha256, verified=prov.verified, test_weights=prov.test_weights)
+        rows.append(row)
+    return rows
+
+
+def verify(weights_dir: Path) -> list[dict]:
+    rows = []
+    for item in listing(weights_dir):
+        name = item["model"]
+        if not item["installed"]:
+            rows.append({"model": name, "status": "missing", "detail": f"{item['file']} not in {weights_dir}"})
+            continue
+        if item["expected_sha256"] and item["sha256"] != item["expected_sha256"] and not item["test_weights"]:
+            rows.append(
+                {
+                    "model": name,
+                    "status": "bad",
+                    "detail": f"sha256 {item['sha256']} differs from the official {item['expected_sha256']}",
+                }
+            )
+            continue
+        try:
+            load_model(name, weights_dir)
+        except WeightsError as exc:
+            rows.append({"model": name, "status": "bad", "detail": str(exc)})
+            continue
+        detail = "checksum matches the official file" if item["verified"] else "loads; no official checksum known"
+        if item["test_weights"]:
+            detail += "; TEST WEIGHTS"
+        rows.append({"model": name, "status": "ok", "detail": detail})
+    return rows
+
+
+def _find_source(source: Path, name: str) -> Path | None:
+    candidates = [spec(name).file, *spec(name).original_names]
+    for candidate in candidates:
+        if (source / candidate).is_file():
+            return source / candidate
+    return None
+
+
+def _fetch(url: str, target: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as fh:
+        shutil.copyfileobj(response, fh)
+
+
+def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dict]:
+    """Copy each model's file from a directory (manifest or original names) or download it
+    from ``source`` + file name; checksums known to the manifest must match."""
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    is_url = urllib.parse.urlparse(source).scheme in ("http", "https")
+    source_dir = None if is_url else Path(source)
+    if source_dir is not None and not source_dir.is_dir():
+        raise ValueError(f"--from {source}: not a directory or http(s) URL")
+    rows = []
+    for name in MODELS:
+        entry = spec(name).manifest
+        target = model_file(weights_dir, name)
+        with tempfile.NamedTemporaryFile(dir=weights_dir, delete=False, suffix=".part") as tmp:
+            temp = Path(tmp.name)
+        try:
+            if is_url:
+                try:
+                    _fetch(source.rstrip("/") + "/" + entry.file, temp)
+                except OSError as exc:
+                    rows.append({"model": name, "status": "missing", "detail": f"download failed: {exc}"})
+                    continue
+            else:
+                found = _find_source(source_dir, name)
+                if found is None:
+                    rows.append({"model": name, "status": "missing", "detail": f"no {entry.file} in {source_dir}"})
+                    continue
+                shutil.copyfile(found, temp)
+            digest = sha256_of(temp)
+            if (
+                entry.sha256
+                and digest != entry.sha256
+                and not mark_test
+                and not (source_dir is not None and (source_dir / TEST_MARKER).exists())
+            ):
+                rows.append(
+                    {
+                        "model": name,
+                        "status": "bad",
+                        "detail": f"sha256 {digest} is not the official {entry.sha256}; not installed",
+                    }
+                )
+                continue
+            try:
+                torch.load(temp, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                rows.append({"model": name, "status": "bad", "detail": f"not a loadable weights file: {exc}"})
+                continue
+            temp.replace(target)
+            rows.append({"model": name, "status": "installed", "detail": f"{target} sha256 {digest[:16]}"})
+        finally:
+            temp.unlink(missing_ok=True)
+    if mark_test or (source_dir is not None and (source_dir / TEST_MARKER).exists()):
+        (weights_dir / TEST_MARKER).write_text(
+            "Seeded random weights for testing only. Predictions made with them mean nothing clinically.\n"
+        )
+    return rows
+
+
+def generate_test_weights(weights_dir: Path, seed: int = 0, models: tuple[str, ...] = tuple(MODELS)) -> Path:
+    """Seeded random weights of each architecture, written in the original file formats
+    with a TEST_WEIGHTS marker. Their predictions mean nothing clinically; every result
+    made with them says so."""
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        model = spec(name)
+        torch.manual_seed(seed)
+        state = {k: v.clone() for k, v in model.build().state_dict().items() if not k.endswith("num_batches_tracked")}
+        state = model.to_original(state)
+        torch.save({model.nested_key: state} if model.nested_key else state, weights_dir / model.file)
+    (weights_dir / TEST_MARKER).write_text(
+        f"Generated by mammonode (torch.manual_seed({seed})); seeded random weights for testing only. "
+        "Predictions made with them mean nothing clinically.\n"
+    )
+    return weights_dir

@@ -1,0 +1,28 @@
+"""Admin actions that touch both the database and the storage directory."""
+
+from __future__ import annotations
+
+import shutil
+
+from mammonode.db import admin
+from mammonode.db.session import Database
+from mammonode.ingest.layout import StorageLayout
+
+
+def purge(db: Database, layout: StorageLayout, older_than_days: float, dry_run: bool = False) -> dict:
+    """Remove the files and rows of finished studies not touched for ``older_than_days``
+    (never one with deliveries still pending)."""
+    with db.session() as session:
+        studies, pending = admin.purgeable(session, older_than_days)
+        removed = [study.study_instance_uid for study in studies]
+        if not dry_run:
+            for study in studies:
+                for folder in layout.study_dirs(study.study_instance_uid):
+                    shutil.rmtree(folder, ignore_errors=True)
+                session.delete(study)
+    return {
+        "removed": len(removed),
+        "skipped_pending_deliveries": pending,
+        "study_instance_uids": removed,
+        "dry_run": dry_run,
+    }

@@ -1,0 +1,165 @@
+"""Pipeline worker: claims one job at a time, runs the pipeline, stores and queues results.
+
+Runs as threads inside ``mammonode serve`` or as ``mammonode worker`` processes against the
+same database. A heartbeat thread keeps the job's claim alive; a worker that dies stops
+heartbeating and its job is re-queued by whichever process next sweeps for stale jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+
+from pydicom.dataset import Dataset
+
+from mammonode.config import Config
+from mammonode.db import jobs
+from mammonode.db.models import Study
+from mammonode.db.records import mark_unusable, selection, selection_key
+from mammonode.db.session import Database
+from mammonode.exam.views import VIEWS
+from mammonode.metrics import METRICS
+from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, read_dicom, without_pixels
+from mammonode.pipeline.run import PipelineOptions, run_pipeline
+from mammonode.pipeline.runtime import configure_torch
+from mammonode.pipeline.weights import WeightsError
+from mammonode.service.loop import Loop
+
+log = logging.getLogger(__name__)
+
+
+class JobSuperseded(Exception):
+    """The study's inputs changed after the job was queued."""
+
+
+def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
+    p = cfg.pipeline
+    options = PipelineOptions(
+        weights_dir=cfg.weights_dir,
+        device=device or p.device,
+        seed=p.seed,
+        epochs=p.epochs,
+        augmentation=p.augmentation,
+        precision=p.precision,
+        heatmap_batch=p.heatmap_batch,
+        threads=p.threads or None,
+    )
+    if p.models:
+        options.models = tuple(p.models)
+    return options
+
+
+class PipelineWorker(Loop):
+    name = "worker"
+
+    def __init__(self, cfg: Config, db: Database, device: str | None = None, worker_id: str | None = None):
+        super().__init__(interval_s=cfg.worker.poll_interval_s)
+        self.cfg = cfg
+        self.db = db
+        self.options = pipeline_options(cfg, device)
+        self.device = self.options.device
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.current_job: int | None = None
+
+    # -- one job --------------------------------------------------------------------------
+    def _inputs(self, claimed: jobs.ClaimedJob) -> tuple[dict[str, PreparedView], dict[str, Dataset], float, Study]:
+        """The prepared views, their headers (kept for the result objects, pixel data
+        dropped) and the seconds spent; each file is read once."""
+        with self.db.session() as session:
+            study = session.get(Study, claimed.study_id)
+            chosen = selection(study.instances)
+            if selection_key(chosen) != claimed.selection_key:
+                raise JobSuperseded("the study's inputs changed after the job was queued")
+            session.expunge_all()
+        prepared, headers = {}, {}
+        start = time.perf_counter()
+        for view in VIEWS:
+            inst = chosen[view]
+            try:
+                ds = read_dicom(self.cfg.storage_dir / inst.path)
+                prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid)
+            except ImageInputError as exc:
+                raise ImageInputError(f"{view}: {exc}", view=view) from exc
+            prepared[view].study_instance_uid = study.study_instance_uid
+            headers[view] = without_pixels(ds)
+        return prepared, headers, time.perf_counter() - start, study
+
+    def process(self, claimed: jobs.ClaimedJob) -> None:
+        from mammonode.service.results import store_results
+
+        log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
+        prepared, headers, seconds, study = self._inputs(claimed)
+        result = run_pipeline(prepared, self.options, {"prepare": seconds})
+        METRICS.observe_job(result.timing_s)
+        stored = store_results(self.cfg, self.db, claimed, study, result, prepared, headers)
+        with self.db.session() as session:
+            if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict()):
+                log.warning("job %s was taken from this worker; its result is discarded", claimed.job_id)
+                return
+        log.info(
+            "job %s done in %.1f s: %d result objects", claimed.job_id, result.timing_s.get("total", 0), len(stored)
+        )
+
+    def _fail(self, claimed: jobs.ClaimedJob, error: str, permanent: bool, unusable: ImageInputError | None = None):
+        with self.db.session() as session:
+            jobs.fail(session, claimed.job_id, self.id, error, self.cfg.worker.max_attempts, permanent=permanent)
+            if unusable is not None and unusable.view is not None:
+                mark_unusable(session, claimed.study_id, unusable.view, str(unusable))
+
+    # -- loop -----------------------------------------------------------------------------
+    def started(self) -> None:
+        configure_torch(self.device, self.options.precision, self.options.threads)
+        with self.db.session() as session:
+            jobs.register_worker(session, self.id, self.device)
+        beat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.id}", daemon=True)
+        beat.start()
+        log.info("worker %s started (device %s)", self.id, self.device)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.cfg.worker.heartbeat_interval_s):
+            try:
+                with self.db.session() as session:
+                    jobs.heartbeat(session, self.id, self.current_job)
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+
+    def run_once(self) -> bool:
+        """Claim and process one job. Returns whether there was one."""
+        with self.db.session() as session:
+            jobs.recover_stale(session, self.cfg.worker.stale_after_s, self.cfg.worker.max_attempts)
+        with self.db.session() as session:
+            claimed = jobs.claim(session, self.id)
+        if claimed is None:
+            return False
+        self.current_job = claimed.job_id
+        try:
+            self.process(claimed)
+        except JobSuperseded as exc:
+            self._fail(claimed, str(exc), permanent=True)
+        except (ImageInputError, WeightsError) as exc:
+            log.error("job %s failed: %s", claimed.job_id, exc)
+            unusable = exc if isinstance(exc, ImageInputError) else None
+            self._fail(claimed, f"{type(exc).__name__}: {exc}", permanent=True, unusable=unusable)
+        except Exception as exc:
+            log.error("job %s failed: %s\n%s", claimed.job_id, exc, traceback.format_exc(limit=5))
+            self._fail(claimed, f"{type(exc).__name__}: {exc}", permanent=False)
+        finally:
+            self.current_job = None
+        return True
+
+    def stop(self) -> None:
+        """Stop taking jobs; a job still running is handed back to the queue."""
+        super().stop()
+        job = self.current_job
+        try:
+            with self.db.session() as session:
+                if job is not None:
+                    jobs.release(session, job, self.id)
+                jobs.worker_stopped(session, self.id)
+        except Exception as exc:
+            log.warning("could not release job %s at shutdown: %s", job, type(exc).__name__)

@@ -1,0 +1,88 @@
+"""The node's HTTP side: DICOMweb (STOW-RS from ingest/, QIDO-RS, WADO-RS), the status page,
+``/status`` and ``/metrics``, served by uvicorn inside ``mammonode serve``. When
+``dicomweb.token`` is set every request, the status page included, needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from mammonode.config import Config
+from mammonode.db.session import Database
+from mammonode.ingest.stow import StowHandler
+from mammonode.web.auth import BearerAuth
+from mammonode.web.metrics import attach_database, metrics
+from mammonode.web.qido import Qido
+from mammonode.web.status import StatusEndpoints
+from mammonode.web.wado import Wado
+
+log = logging.getLogger(__name__)
+
+
+def create_app(cfg: Config, db: Database) -> Starlette:
+    base_url = cfg.dicomweb.base_url
+    stow = StowHandler(cfg.storage_dir, db, base_url)
+    qido = Qido(cfg.storage_dir, db, base_url)
+    wado = Wado(cfg.storage_dir, db, base_url)
+    status = StatusEndpoints(cfg, db)
+    s, se, i = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
+    routes = [
+        Route("/dicomweb/studies", stow.post, methods=["POST"]),
+        Route(s, stow.post, methods=["POST"]),
+        Route("/dicomweb/studies", qido.studies, methods=["GET"]),
+        Route(s + "/series", qido.series, methods=["GET"]),
+        Route(s + "/instances", qido.instances, methods=["GET"]),
+        Route(s + se + "/instances", qido.instances, methods=["GET"]),
+        Route(s, wado.retrieve, methods=["GET"]),
+        Route(s + se, wado.retrieve, methods=["GET"]),
+        Route(s + se + i, wado.retrieve, methods=["GET"]),
+        Route(s + "/metadata", wado.metadata, methods=["GET"]),
+        Route(s + se + "/metadata", wado.metadata, methods=["GET"]),
+        Route(s + se + i + "/metadata", wado.metadata, methods=["GET"]),
+        Route("/status", status.status_json, methods=["GET"]),
+        Route("/status/studies/{study}", status.study_json, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", status.page, methods=["GET"]),
+    ]
+    middleware = [Middleware(BearerAuth, token=cfg.dicomweb.token)] if cfg.dicomweb.token else []
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class WebServer:
+    """uvicorn in a background thread of ``mammonode serve``."""
+
+    def __init__(self, cfg: Config, db: Database):
+        import uvicorn
+
+        web = cfg.dicomweb
+        attach_database(db)
+        self.config = uvicorn.Config(
+            create_app(cfg, db),
+            host=web.host,
+            port=web.port,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=web.tls_cert or None,
+            ssl_keyfile=web.tls_key or None,
+            access_log=False,
+        )
+        self.server = uvicorn.Server(self.config)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.server.run, name="dicomweb", daemon=True)
+        self.thread.start()
+        log.info(
+            "DICOMweb on %s:%s%s", self.config.host, self.config.port, " (TLS)" if self.config.ssl_certfile else ""
+        )
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(10)

@@ -1,0 +1,150 @@
+"""What the node holds, as DICOMweb sees it: received instances and produced results, with
+the header attributes that QIDO-RS matches and returns."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mammonode.db.models import Instance, ResultObject, Study
+from mammonode.db.session import Database
+
+STUDY_KEYS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
+SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "Laterality")
+INSTANCE_KEYS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "ImageLaterality",
+    "ViewPosition",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    modality: str
+    path: Path
+
+
+@lru_cache(maxsize=4096)
+def _header(path: str, mtime_ns: int) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def header(path: Path) -> Dataset:
+    return _header(str(path), os.stat(path).st_mtime_ns)
+
+
+def entries(session: Session, storage_dir: Path, study_uid: str | None = None) -> list[Entry]:
+    """Every stored object (received and produced), optionally of one study."""
+    query = select(Instance, Study.study_instance_uid).join(Study, Instance.study_id == Study.id)
+    results = select(ResultObject, Study.study_instance_uid).join(Study, ResultObject.study_id == Study.id)
+    if study_uid is not None:
+        query = query.where(Study.study_instance_uid == study_uid)
+        results = results.where(Study.study_instance_uid == study_uid)
+    out = []
+    for inst, uid in session.execute(query):
+        out.append(
+            Entry(
+                uid,
+                inst.series_instance_uid or "",
+                inst.sop_instance_uid,
+                inst.sop_class_uid,
+                inst.modality or "",
+                storage_dir / inst.path,
+            )
+        )
+    for res, uid in session.execute(results):
+        path = storage_dir / res.path
+        if not path.exists():
+            continue
+        ds = header(path)
+        out.append(
+            Entry(
+                uid,
+                str(ds.SeriesInstanceUID),
+                res.sop_instance_uid,
+                res.sop_class_uid,
+                str(ds.get("Modality", "")),
+                path,
+            )
+        )
+    return out
+
+
+def _match_text(value: str, pattern: str) -> bool:
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(value, pattern)
+    return value == pattern
+
+
+def _match_date(value: str, pattern: str) -> bool:
+    if "-" in pattern:
+        low, high = pattern.split("-", 1)
+        return (not low or value >= low) and (not high or value <= high)
+    return value == pattern
+
+
+def matches(ds: Dataset, keyword: str, pattern: str, modalities: set[str] | None = None) -> bool:
+    """QIDO-RS attribute matching (PS3.18 8.3.4): UID lists, wildcards, date ranges."""
+    if keyword == "ModalitiesInStudy":
+        wanted = {m for m in pattern.split(",") if m}
+        return bool(wanted & (modalities or set()))
+    value = str(ds.get(keyword, "") or "")
+    if keyword.endswith("UID"):
+        return value in {v for v in pattern.split(",") if v}
+    if keyword.endswith("Date"):
+        return _match_date(value, pattern)
+    return _match_text(value, pattern)
+
+
+def pick(ds: Dataset, keywords: tuple[str, ...]) -> Dataset:
+    out = Dataset()
+    for keyword in keywords:
+        if keyword in ds:
+            out[keyword] = ds[keyword]
+    return out
+
+
+class Catalog:
+    """The stored objects of a node, grouped by study, for the QIDO-RS and WADO-RS handlers."""
+
+    def __init__(self, storage_dir: Path, db: Database, base_url: str = ""):
+        self.storage_dir = storage_dir
+        self.db = db
+        self.base_url = base_url
+
+    def _grouped(self, study_uid: str | None):
+        with self.db.session() as session:
+            found = entries(session, self.storage_dir, study_uid)
+        studies: dict[str, list[Entry]] = defaultdict(list)
+        for entry in found:
+            studies[entry.study_uid].append(entry)
+        return studies

@@ -1,0 +1,83 @@
+"""QIDO-RS: searching the node's studies, series and instances (PS3.18 10.6)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
+from mammonode.web import catalog
+
+
+class Qido(catalog.Catalog):
+    def _filters(self, request: Request) -> tuple[dict[str, str], int, int]:
+        from pydicom.datadict import keyword_for_tag
+
+        filters, limit, offset = {}, 1000, 0
+        for key, value in request.query_params.multi_items():
+            if key == "limit":
+                limit = max(0, int(value))
+            elif key == "offset":
+                offset = max(0, int(value))
+            elif key in ("includefield", "fuzzymatching"):
+                continue
+            else:
+                if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
+                    key = keyword_for_tag(int(key, 16)) or key
+                filters[key] = value
+        return filters, limit, offset
+
+    def studies(self, request: Request) -> Response:
+        filters, limit, offset = self._filters(request)
+        base = dicomweb_base(request, self.base_url)
+        out = []
+        for study_uid, items in sorted(self._grouped(None).items()):
+            head = catalog.header(items[0].path)
+            modalities = {e.modality for e in items if e.modality}
+            if not all(catalog.matches(head, k, v, modalities) for k, v in filters.items()):
+                continue
+            ds = catalog.pick(head, catalog.STUDY_KEYS)
+            ds.ModalitiesInStudy = sorted(modalities)
+            ds.NumberOfStudyRelatedSeries = len({e.series_uid for e in items})
+            ds.NumberOfStudyRelatedInstances = len(items)
+            ds.RetrieveURL = f"{base}/studies/{study_uid}"
+            out.append(ds.to_json_dict())
+        return Response(json.dumps(out[offset : offset + limit]), media_type=DICOM_JSON)
+
+    def series(self, request: Request) -> Response:
+        study_uid = request.path_params["study"]
+        filters, limit, offset = self._filters(request)
+        base = dicomweb_base(request, self.base_url)
+        series: dict[str, list[catalog.Entry]] = defaultdict(list)
+        for entry in self._grouped(study_uid).get(study_uid, []):
+            series[entry.series_uid].append(entry)
+        out = []
+        for series_uid, items in sorted(series.items()):
+            head = catalog.header(items[0].path)
+            if not all(catalog.matches(head, k, v) for k, v in filters.items()):
+                continue
+            ds = catalog.pick(head, catalog.STUDY_KEYS[:1] + catalog.SERIES_KEYS)
+            ds.NumberOfSeriesRelatedInstances = len(items)
+            ds.RetrieveURL = f"{base}/studies/{study_uid}/series/{series_uid}"
+            out.append(ds.to_json_dict())
+        return Response(json.dumps(out[offset : offset + limit]), media_type=DICOM_JSON)
+
+    def instances(self, request: Request) -> Response:
+        study_uid = request.path_params["study"]
+        series_uid = request.path_params.get("series")
+        filters, limit, offset = self._filters(request)
+        base = dicomweb_base(request, self.base_url)
+        out = []
+        for entry in self._grouped(study_uid).get(study_uid, []):
+            if series_uid and entry.series_uid != series_uid:
+                continue
+            head = catalog.header(entry.path)
+            if not all(catalog.matches(head, k, v) for k, v in filters.items()):
+                continue
+            ds = catalog.pick(head, catalog.STUDY_KEYS[:1] + catalog.SERIES_KEYS[:2] + catalog.INSTANCE_KEYS)
+            ds.RetrieveURL = f"{base}/studies/{study_uid}/series/{entry.series_uid}/instances/{entry.sop_uid}"
+            out.append(ds.to_json_dict())
+        return Response(json.dumps(out[offset : offset + limit]), media_type=DICOM_JSON)

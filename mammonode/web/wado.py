@@ -1,0 +1,66 @@
+"""WADO-RS: retrieving stored objects and their metadata (PS3.18 10.4)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
+from mammonode.web import catalog
+
+
+class Wado(catalog.Catalog):
+    def _select(self, request: Request) -> list[catalog.Entry]:
+        study_uid = request.path_params["study"]
+        series_uid = request.path_params.get("series")
+        sop_uid = request.path_params.get("instance")
+        return [
+            e
+            for e in self._grouped(study_uid).get(study_uid, [])
+            if (not series_uid or e.series_uid == series_uid) and (not sop_uid or e.sop_uid == sop_uid)
+        ]
+
+    def retrieve(self, request: Request) -> Response:
+        chosen = self._select(request)
+        if not chosen:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        accept = request.headers.get("accept", "")
+        if accept and "application/dicom" not in accept and "*/*" not in accept and "multipart/related" not in accept:
+            return JSONResponse({"error": f"cannot produce {accept}"}, status_code=406)
+        boundary = uuid.uuid4().hex
+
+        def body():
+            for entry in chosen:
+                syntax = str(catalog.header(entry.path).file_meta.get("TransferSyntaxUID", ""))
+                yield (
+                    f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n"
+                    f"Content-Length: {entry.path.stat().st_size}\r\n\r\n"
+                ).encode()
+                with open(entry.path, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        yield chunk
+                yield b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        return StreamingResponse(body(), media_type=media)
+
+    def metadata(self, request: Request) -> Response:
+        chosen = self._select(request)
+        if not chosen:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        base = dicomweb_base(request, self.base_url)
+        out = []
+        for entry in chosen:
+            ds = catalog.header(entry.path)
+            url = f"{base}/studies/{entry.study_uid}/series/{entry.series_uid}/instances/{entry.sop_uid}"
+            out.append(
+                ds.to_json_dict(
+                    bulk_data_threshold=4096,
+                    bulk_data_element_handler=lambda elem, url=url: f"{url}/bulk/{elem.tag:08X}",
+                )
+            )
+        return Response(json.dumps(out), media_type=DICOM_JSON)
