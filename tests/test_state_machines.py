@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -18,7 +20,7 @@ from mammonode.db import admin
 from mammonode.db.assembly import enqueue, is_ready, missing_views, tick
 from mammonode.db.jobs import claim, fail, finish, heartbeat, recover_stale, register_worker, release
 from mammonode.db.migrate import upgrade
-from mammonode.db.models import Delivery, Event, Instance, Job, Study, Worker, utcnow
+from mammonode.db.models import Delivery, Event, Instance, Job, ResultObject, Study, Worker, utcnow
 from mammonode.db.outbox import (
     CLAIM_TIMEOUT_S,
     Attempt,
@@ -53,10 +55,20 @@ def uid() -> str:
     return f"{ROOT}.{next(_serial)}"
 
 
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 't.sqlite'}")
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory) -> Path:
+    """An empty database at the current schema revision, migrated once and copied per test."""
+    path = tmp_path_factory.mktemp("schema") / "schema.sqlite"
+    database = Database(f"sqlite:///{path}")
     upgrade(database.engine)
+    database.dispose()  # the last connection closing checkpoints the WAL into the file
+    return path
+
+
+@pytest.fixture
+def db(tmp_path, migrated):
+    shutil.copyfile(migrated, tmp_path / "t.sqlite")
+    database = Database(f"sqlite:///{tmp_path / 't.sqlite'}")
     yield database
     database.dispose()
 
@@ -87,10 +99,9 @@ def meta(study_uid: str, view: str, acquired: str = "20240102080000", usable: bo
 
 
 def receive(db: Database, study_uid: str, views=VIEWS, **kwargs) -> int:
-    """Record one instance per view (one transaction per instance, as the listener does);
-    returns the study's id."""
-    for view in views:
-        with db.session() as s:
+    """Record one instance per view; returns the study's id."""
+    with db.session() as s:
+        for view in views:
             record_instance(s, meta(study_uid, view, **kwargs))
     return study(db, study_uid).id
 
@@ -263,15 +274,19 @@ def test_recover_stale_fails_a_job_that_used_its_attempts(db):
 
 def test_heartbeat_keeps_a_running_job_from_being_recovered(db):
     _, job_id = claimed_job(db)
+    long_ago = utcnow() - seconds(10 * STALE_S)
     with db.session() as s:
         register_worker(s, "w1", "cpu")
-        s.get(Job, job_id).heartbeat_at = utcnow() - seconds(10 * STALE_S)  # a long-running job
+        s.get(Job, job_id).heartbeat_at = long_ago  # a long-running job
+    with db.session() as s:
+        heartbeat(s, "w2", job_id)  # not w2's job: no effect
+    assert get(db, Job, job_id).heartbeat_at == long_ago
     with db.session() as s:
         heartbeat(s, "w1", job_id)
     with db.session() as s:
         assert recover_stale(s, STALE_S, max_attempts=3, now=utcnow()) == []
     assert get(db, Job, job_id).state == "running"
-    assert get(db, Worker, "w1").heartbeat_at > utcnow() - seconds(STALE_S)
+    assert get(db, Worker, "w1").stopped_at is None
 
 
 def test_a_worker_that_lost_its_job_cannot_finish_or_fail_it(db):
@@ -302,6 +317,7 @@ def test_register_results_makes_one_pending_delivery_per_destination_once(db):
         with db.session() as s:
             register_results(s, study_id, None, "key", results, ["archive", "viewer"])
     with db.session() as s:
+        assert len(s.execute(select(ResultObject)).all()) == 2
         rows = list(s.execute(select(Delivery)).scalars())
     assert sorted(d.destination for d in rows) == ["archive", "archive", "viewer", "viewer"]
     assert {(d.state, d.attempts) for d in rows} == {("pending", 0)}
@@ -322,6 +338,17 @@ def test_claim_due_takes_only_due_rows_and_marks_them_sending(db):
         assert claim_due(s, "other", now=now) == []
     with db.session() as s:
         assert [c.delivery_id for c in claim_due(s, "other", now=now + seconds(1))] == [later]
+
+
+def test_claim_due_takes_the_oldest_due_rows_first_up_to_the_limit(db):
+    now = utcnow()
+    first, second, third = deliveries(db, destinations=["a", "b", "c"])
+    for row_id, due in ((first, now - seconds(30)), (second, now - seconds(10)), (third, now - seconds(20))):
+        with db.session() as s:
+            s.get(Delivery, row_id).next_attempt_at = due
+    with db.session() as s:
+        assert [c.delivery_id for c in claim_due(s, "sender", limit=2, now=now)] == [first, third]
+    assert get(db, Delivery, second).state == "pending"
 
 
 def test_a_row_left_sending_is_reclaimed_after_the_claim_timeout(db):

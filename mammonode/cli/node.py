@@ -62,6 +62,6 @@ def demo(
     workdir: Path | None = typer.Option(None, "--workdir"),
 ) -> None:
     """Start a node in a temporary directory, send it a four-view study, print the results."""
-    from mammonode.demo import run_demo
+    from mammonode.demo.run import run_demo
 
     raise typer.Exit(run_demo(clean=clean, full=full, workdir=workdir))
