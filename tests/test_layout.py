@@ -44,20 +44,41 @@ def room(module: str) -> str:
     return parts[1]
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every mammonode module the file imports (``from a import b`` counts ``a.b`` when
-    ``b`` is a module)."""
+def _resolve(module: str, name: str) -> str:
+    """``from module import name``: the module ``module.name`` when it is one, else ``module``."""
+    candidate = PACKAGE.parent / f"{module}.{name}".replace(".", "/")
+    return f"{module}.{name}" if candidate.with_suffix(".py").exists() or candidate.is_dir() else module
+
+
+def imported_modules(path: Path, module_level_only: bool = False) -> set[str]:
+    """Every mammonode module the file imports, anywhere or (``module_level_only``) only
+    where it runs at import time."""
     tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
     found = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "mammonode")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mammonode":
-            for alias in node.names:
-                candidate = f"{node.module}.{alias.name}"
-                as_path = PACKAGE.parent / candidate.replace(".", "/")
-                found.add(candidate if as_path.with_suffix(".py").exists() or as_path.is_dir() else node.module)
+            found.update(_resolve(node.module, alias.name) for alias in node.names)
     return found
+
+
+def assert_acyclic(edges: dict[str, set[str]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == 1:
+            raise AssertionError("cycle: " + " -> ".join([*path, node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for target in edges.get(node, ()):
+            visit(target, [*path, node])
+        state[node] = 2
+
+    for node in list(edges):
+        visit(node, [])
 
 
 def graph() -> dict[str, set[str]]:
@@ -82,56 +103,17 @@ def test_every_import_follows_the_allowed_package_dependencies():
 
 
 def test_the_allowed_dependencies_have_no_cycle():
-    seen: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        if seen.get(node) == 1:
-            raise AssertionError("cycle: " + " -> ".join([*path, node]))
-        if seen.get(node) == 2:
-            return
-        seen[node] = 1
-        for target in ALLOWED[node]:
-            visit(target, [*path, node])
-        seen[node] = 2
-
-    for node in ALLOWED:
-        visit(node, [])
+    assert_acyclic(ALLOWED)
 
 
 def test_no_module_level_import_cycle():
-    """Module-level imports (those run at import time) form no cycle between modules."""
-    edges: dict[str, set[str]] = {}
+    """Imports that run at import time form no cycle between modules."""
+    edges = {}
     for path in PACKAGE.rglob("*.py"):
-        if "migrations" in path.parts:
-            continue
-        tree = ast.parse(path.read_text())
-        top = ast.Module(body=[n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
-        names = set()
-        for node in top.body:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mammonode"):
-                names.update(
-                    f"{node.module}.{a.name}"
-                    if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
-                    else node.module
-                    for a in node.names
-                )
-            elif isinstance(node, ast.Import):
-                names.update(a.name for a in node.names if a.name.startswith("mammonode"))
-        edges[module_name(path)] = {n for n in names if n != module_name(path)}
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        if state.get(node) == 1:
-            raise AssertionError("import cycle: " + " -> ".join([*path, node]))
-        if state.get(node) == 2:
-            return
-        state[node] = 1
-        for target in edges.get(node, ()):
-            visit(target, [*path, node])
-        state[node] = 2
-
-    for node in edges:
-        visit(node, [])
+        if "migrations" not in path.parts:
+            name = module_name(path)
+            edges[name] = imported_modules(path, module_level_only=True) - {name}
+    assert_acyclic(edges)
 
 
 def test_listeners_and_admin_cli_do_not_load_torch():
