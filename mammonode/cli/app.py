@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -52,6 +53,29 @@ def open_db(cfg: Config):
     from mammonode.db import open_database
 
     return open_database(cfg)
+
+
+def fail(message: str, cfg: Config | None = None, code: int = 1) -> NoReturn:
+    """One line on stderr and exit; the log says the same once when it goes to a file (when
+    it goes to stderr, that line is the log's)."""
+    import logging
+
+    if cfg is not None and cfg.logging.file:
+        logging.getLogger("mammonode.cli").error(message)
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def usable_device_or_exit(name: str, cfg: Config | None = None) -> None:
+    """Refuse a device that is not a device name (exit 2) or that this machine lacks (exit 1)."""
+    from mammonode.pipeline.runtime import DeviceUnavailable, check_device
+
+    try:
+        check_device(name)
+    except ValueError as exc:
+        fail(str(exc), cfg, code=2)
+    except DeviceUnavailable as exc:
+        fail(str(exc), cfg)
 
 
 def optional_config(path: Path | None) -> Config:

@@ -10,8 +10,9 @@ from mammonode.cli.app import (
     ConfigOption,
     app,
     config_or_exit,
-    open_db,
+    fail,
     setup_logging,
+    usable_device_or_exit,
 )
 
 
@@ -23,9 +24,15 @@ def serve(
     """Run the node: DIMSE listener, study assembly, pipeline worker(s) and result delivery."""
     cfg = config_or_exit(config)
     setup_logging(cfg)
-    from mammonode.service.node import Node
+    from mammonode.service.node import Node, StartupError
 
-    Node(cfg, workers=False if no_worker else None).serve_forever()
+    try:
+        node = Node(cfg, workers=False if no_worker else None)
+        if node.workers:
+            usable_device_or_exit(cfg.pipeline.device)
+        node.serve_forever()
+    except StartupError as exc:
+        fail(f"cannot start: {exc}", cfg)
 
 
 @app.command()
@@ -40,9 +47,14 @@ def worker(
 
     cfg = config_or_exit(config)
     setup_logging(cfg)
+    from mammonode.service.node import StartupError, open_node_database
     from mammonode.service.worker import PipelineWorker
 
-    db = open_db(cfg)
+    usable_device_or_exit(device or cfg.pipeline.device)
+    try:
+        db = open_node_database(cfg)
+    except StartupError as exc:
+        fail(f"cannot start: {exc}", cfg)
     workers = [PipelineWorker(cfg, db, device=device) for _ in range(concurrency)]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -12,8 +12,10 @@ from mammonode.cli.app import (
     app,
     console,
     err,
+    fail,
     optional_config,
     print_json,
+    usable_device_or_exit,
     weights_app,
 )
 
@@ -33,6 +35,9 @@ def predict(
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
     heatmap_batch: int = typer.Option(8, "--heatmap-batch"),
     results_out: Path | None = typer.Option(None, "--results-out", help="also write SR and SC objects here"),
+    allow_mixed_studies: bool = typer.Option(
+        False, "--allow-mixed-studies", help="run files of different studies or patients as one exam"
+    ),
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -45,8 +50,10 @@ def predict(
 
     cfg = optional_config(config)
     if precision not in ("fp32", "bf16", "tf32"):
-        err.print("--precision: fp32, bf16 or tf32")
-        raise typer.Exit(2)
+        fail("--precision: fp32, bf16 or tf32", code=2)
+    usable_device_or_exit(device)
+    if not (weights_dir or cfg.weights_dir).is_dir():
+        fail(f"weights directory {weights_dir or cfg.weights_dir} not found (--weights-dir)", code=2)
     chosen = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     options = PipelineOptions(
         weights_dir=weights_dir or cfg.weights_dir,
@@ -59,7 +66,7 @@ def predict(
         heatmap_batch=heatmap_batch,
     )
     try:
-        prepared, seconds = prepare_exam(files or [], png, png_mirrored)
+        prepared, seconds = prepare_exam(files or [], png, png_mirrored, allow_mixed=allow_mixed_studies)
         configure_torch(options.device, options.precision)
         result = run_pipeline(prepared, options, {"prepare": seconds})
     except (ImageInputError, WeightsError, ValueError) as exc:

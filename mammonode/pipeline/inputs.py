@@ -21,15 +21,32 @@ def parse_png_spec(spec: str) -> tuple[str, Path]:
     return view, Path(path)
 
 
+def _one_exam(headers: list) -> None:
+    """Files of two studies or two patients are not one exam (a mix-up, not a request)."""
+    for keyword, what in (("StudyInstanceUID", "studies"), ("PatientID", "patients")):
+        values = {str(ds.get(keyword, "") or "").strip() for ds in headers} - {""}
+        if len(values) > 1:
+            raise ImageInputError(
+                f"the files belong to {len(values)} different {what}; "
+                "pass --allow-mixed-studies to run them as one exam anyway"
+            )
+
+
 def prepare_exam(
-    dicom_files: Iterable[Path] = (), png_specs: Iterable[str] = (), png_mirrored: Iterable[str] = ()
+    dicom_files: Iterable[Path] = (),
+    png_specs: Iterable[str] = (),
+    png_mirrored: Iterable[str] = (),
+    allow_mixed: bool = False,
 ) -> tuple[dict[str, PreparedView], float]:
-    """Prepared views and the seconds it took. A view given twice is an error."""
+    """Prepared views and the seconds it took. A view given twice is an error, and so are
+    files of different studies or patients unless ``allow_mixed``."""
     start = time.perf_counter()
     views: dict[str, PreparedView] = {}
     mirrored = {v.strip().upper() for v in png_mirrored}
-    for path in dicom_files:
-        ds = read_dicom(Path(path))
+    datasets = [(Path(path), read_dicom(Path(path))) for path in dicom_files]
+    if not allow_mixed:
+        _one_exam([ds for _, ds in datasets])
+    for path, ds in datasets:
         assignment = assign_view(ds)
         if not assignment.usable:
             raise ImageInputError(f"{path}: not a usable screening view ({assignment.reason})")

@@ -7,8 +7,31 @@ The pipeline itself never changes global state; the worker and ``mammonode predi
 from __future__ import annotations
 
 import os
+import re
 
 import torch
+
+DEVICE_NAMES = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device is a valid name but this machine (or this PyTorch build) does not have it."""
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` resolves to here. ValueError for a name that is not a device;
+    DeviceUnavailable for a CUDA device this machine cannot use."""
+    if not DEVICE_NAMES.match(name):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = resolve_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of PyTorch" if torch.version.cuda is None else "no usable CUDA device"
+            raise DeviceUnavailable(f"device {name}: CUDA is not available here ({build})")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,10 +22,28 @@ from mammonode.service.worker import PipelineWorker
 log = logging.getLogger(__name__)
 
 
+class StartupError(RuntimeError):
+    """The node cannot start; the message is one line for the operator."""
+
+
+def open_node_database(cfg: Config):
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return open_database(cfg)
+    except OSError as exc:
+        raise StartupError(f"storage directory {cfg.storage_dir}: {exc.strerror or exc}") from None
+    except SQLAlchemyError as exc:
+        where = make_url(cfg.database_url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StartupError(f"database {where}: {reason}") from None
+
+
 class Node:
     def __init__(self, cfg: Config, workers: bool | None = None):
         self.cfg = cfg
-        self.db = open_database(cfg)
+        self.db = open_node_database(cfg)
         self.stop_event = threading.Event()
         self.listener = DimseListener(cfg, self.db)
         run_workers = cfg.worker.enabled if workers is None else workers
@@ -44,9 +62,18 @@ class Node:
         removed = recover(self.cfg.storage_dir, self.db, min_age_s=0.0 if self.db.sqlite else 600.0)
         if any(removed.values()):
             log.warning("start-up recovery removed %s", removed)
-        self.listener.start()
+        node = self.cfg.node
+        try:
+            self.listener.start()
+        except OSError as exc:
+            raise StartupError(f"DIMSE port {node.host}:{node.port}: {exc.strerror or exc}") from None
         if self.web is not None:
-            self.web.start()
+            try:
+                self.web.start()
+            except OSError as exc:
+                self.listener.stop(grace_s=0)
+                web = self.cfg.dicomweb
+                raise StartupError(f"HTTP port {web.host}:{web.port}: {exc.strerror or exc}") from None
         for loop in self.loops:
             thread = threading.Thread(target=loop.run, name=loop.name, daemon=True)
             thread.start()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 from starlette.applications import Starlette
@@ -76,7 +77,18 @@ class WebServer:
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.server.run, name="dicomweb", daemon=True)
+        """Bind here, in the caller's thread, so that a port in use is an error the node
+        reports at start (uvicorn would only log it from its own thread)."""
+        host, port = self.config.host, self.config.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(self.config.backlog)
+        except OSError:
+            sock.close()
+            raise
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="dicomweb", daemon=True)
         self.thread.start()
         log.info(
             "DICOMweb on %s:%s%s", self.config.host, self.config.port, " (TLS)" if self.config.ssl_certfile else ""
