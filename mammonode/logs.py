@@ -53,5 +53,7 @@ def setup(level: str = "INFO", as_json: bool = False, file: str = "") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # pynetdicom is chatty at INFO (one line per DIMSE message); keep its warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Libraries that are chatty at INFO (pynetdicom: one line per DIMSE message; alembic: its
+    # migration context; highdicom: object construction) keep only their warnings.
+    for name in ("pynetdicom", "alembic", "highdicom", "uvicorn"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

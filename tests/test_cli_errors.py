@@ -88,3 +88,9 @@ def test_predict_refuses_views_of_two_studies(tmp_path):
     args = [str(p) for p in exam[:2] + other[:1]]
     result = cli("predict", *args, "--weights-dir", str(weights), check=False)
     one_line_error(result, 1, "2 different studies", "--allow-mixed-studies")
+
+
+def test_version():
+    from mammonode import __version__
+
+    assert cli("--version").stdout.strip() == f"mammonode {__version__}"

@@ -97,6 +97,9 @@ def test_echo_and_calling_ae_allow_list(node_factory):
     )
     assert wrong_called.returncode != 0
     assert node.proc.poll() is None
+    rejections = [line for line in node.log().splitlines() if "association rejected" in line]
+    assert any("STRANGER" in line and "allowed_calling_aets" in line for line in rejections), rejections
+    assert any("'OTHERNODE' is not 'MAMMONODE'" in line for line in rejections), rejections
 
 
 @pytest.mark.parametrize("bad_uid", ["../../x", "1.2." + "3" * 70, "1.2.abc.4", "1.2.3/../../etc"])

@@ -20,6 +20,23 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 weights_app = typer.Typer(no_args_is_help=True, help="Model weights: install, list, verify.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"mammonode {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    pass
+
+
 app.add_typer(db_app, name="db")
 app.add_typer(weights_app, name="weights")
 console = Console(soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 import pydicom
@@ -21,6 +22,16 @@ def _client_ssl(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
     return context, dest.host
 
 
+def _connect_error(dest: Destination) -> str | None:
+    """The operating system's reason when the peer cannot be reached at all (pynetdicom only
+    logs it): asked again with a plain TCP connect, on the failure path only."""
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=10):
+            return None
+    except OSError as exc:
+        return f"connect failed: {exc.strerror or exc}"
+
+
 def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> Outcome:
     """C-STORE each (delivery id, file, SOP class) over one association, negotiating exactly
     the SOP classes it carries. ``calling_ae_title`` unless the destination names its own."""
@@ -36,7 +47,10 @@ def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> O
     except OSError as exc:
         return {i: (None, f"connect failed: {exc}") for i, _, _ in items}
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association failed (no answer or aborted)"
+        if assoc.is_rejected:
+            reason = "association rejected"
+        else:
+            reason = _connect_error(dest) or "association failed (no answer or aborted)"
         return {i: (None, reason) for i, _, _ in items}
     try:
         for delivery_id, path, _sop in items:

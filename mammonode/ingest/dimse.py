@@ -158,10 +158,30 @@ class DimseListener:
             seconds,
         )
 
+    def _rejection_reason(self, assoc) -> str:
+        """Why pynetdicom rejected the request, by the same checks it makes (its event does
+        not carry the reason)."""
+        node = self.cfg.node
+        calling = assoc.requestor.ae_title.strip()
+        request = assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        if node.allowed_calling_aets and calling not in [a.strip() for a in node.allowed_calling_aets]:
+            return "calling AE title not in node.allowed_calling_aets"
+        if node.require_called_aet and called and called != node.ae_title.strip():
+            return f"called AE title {called!r} is not {node.ae_title!r}"
+        if self.server is not None and len(self.server.active_associations) > node.max_associations:
+            return f"node.max_associations ({node.max_associations}) reached"
+        return "refused by the association checks"
+
     def _handle_rejected(self, event) -> None:
         METRICS.associations.labels("rejected").inc()
         assoc = event.assoc
-        log.warning("association rejected: calling AE %s from %s", assoc.requestor.ae_title, assoc.requestor.address)
+        log.warning(
+            "association rejected: calling AE %s from %s: %s",
+            assoc.requestor.ae_title,
+            assoc.requestor.address,
+            self._rejection_reason(assoc),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:

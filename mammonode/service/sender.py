@@ -58,4 +58,14 @@ class DeliverySender(Loop):
                 session, destination, attempts, study_of, d.max_attempts, (d.backoff_initial_s, d.backoff_max_s)
             )
         delivered = sum(1 for a in attempts.values() if a.delivered)
-        log.info("delivery to %s: %d of %d objects delivered", destination, delivered, len(attempts))
+        if delivered == len(attempts):
+            log.info("delivery to %s: %d of %d objects delivered", destination, delivered, len(attempts))
+        else:
+            reasons = sorted({a.message for a in attempts.values() if not a.delivered})
+            log.warning(
+                "delivery to %s: %d of %d objects delivered; failed: %s",
+                destination,
+                delivered,
+                len(attempts),
+                "; ".join(reasons)[:500],
+            )
