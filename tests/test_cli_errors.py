@@ -94,3 +94,14 @@ def test_version():
     from mammonode import __version__
 
     assert cli("--version").stdout.strip() == f"mammonode {__version__}"
+
+
+def test_missing_weights_are_warned_once_at_start(node_factory):
+    node = node_factory(pipeline={"models": ["image_only", "density_cnn"]}, worker={"concurrency": 2}).start()
+    lines = node.wait_for(
+        lambda: [line for line in node.log().splitlines() if "configured models that will not run" in line],
+        30,
+        what="the missing-weights warning",
+    )
+    assert len(lines) == 1, lines
+    assert "image_only_model.p" in lines[0] and "density_cnn_model.p" in lines[0] and '"WARNING"' in lines[0]

@@ -48,7 +48,7 @@ def worker(
     cfg = config_or_exit(config)
     setup_logging(cfg)
     from mammonode.service.node import StartupError, open_node_database
-    from mammonode.service.worker import PipelineWorker
+    from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
     usable_device_or_exit(device or cfg.pipeline.device)
     try:
@@ -56,6 +56,7 @@ def worker(
     except StartupError as exc:
         fail(f"cannot start: {exc}", cfg)
     workers = [PipelineWorker(cfg, db, device=device) for _ in range(concurrency)]
+    warn_missing_weights(workers[0].options)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

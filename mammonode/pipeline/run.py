@@ -147,7 +147,7 @@ class PipelineResult:
         return out
 
 
-def _plan(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
+def plan_models(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
     """Which models run, and why the others do not."""
     skipped: dict[str, str] = {}
     run = []
@@ -246,7 +246,7 @@ def run_pipeline(
     device = resolve_device(options.device)
     timing = dict(timing or {})
     total_start = time.perf_counter()
-    models_to_run, skipped = _plan(options)
+    models_to_run, skipped = plan_models(options)
     uids = {p.study_instance_uid for p in prepared.values() if p.study_instance_uid}
     result = PipelineResult(
         study_instance_uid=uids.pop() if len(uids) == 1 else None,

@@ -17,7 +17,7 @@ from mammonode.ingest.recovery import recover
 from mammonode.service.assembler import Assembler
 from mammonode.service.loop import Loop
 from mammonode.service.sender import DeliverySender
-from mammonode.service.worker import PipelineWorker
+from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class Node:
                 self.listener.stop(grace_s=0)
                 web = self.cfg.dicomweb
                 raise StartupError(f"HTTP port {web.host}:{web.port}: {exc.strerror or exc}") from None
+        if self.workers:
+            warn_missing_weights(self.workers[0].options)
         for loop in self.loops:
             thread = threading.Thread(target=loop.run, name=loop.name, daemon=True)
             thread.start()

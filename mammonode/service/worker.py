@@ -25,7 +25,7 @@ from mammonode.db.session import Database
 from mammonode.exam.views import VIEWS
 from mammonode.metrics import METRICS
 from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, read_dicom, without_pixels
-from mammonode.pipeline.run import PipelineOptions, run_pipeline
+from mammonode.pipeline.run import PipelineOptions, plan_models, run_pipeline
 from mammonode.pipeline.runtime import configure_torch
 from mammonode.pipeline.weights import WeightsError
 from mammonode.service.loop import Loop
@@ -52,6 +52,19 @@ def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
     if p.models:
         options.models = tuple(p.models)
     return options
+
+
+def warn_missing_weights(options: PipelineOptions) -> dict[str, str]:
+    """Say once, at start, which configured models will not run for lack of weights (each
+    result says it again)."""
+    _, skipped = plan_models(options)
+    if skipped:
+        log.warning(
+            "configured models that will not run (weights in %s): %s",
+            options.weights_dir,
+            "; ".join(f"{name}: {reason}" for name, reason in skipped.items()),
+        )
+    return skipped
 
 
 class PipelineWorker(Loop):
