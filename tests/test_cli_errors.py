@@ -105,3 +105,18 @@ def test_missing_weights_are_warned_once_at_start(node_factory):
     )
     assert len(lines) == 1, lines
     assert "image_only_model.p" in lines[0] and "density_cnn_model.p" in lines[0] and '"WARNING"' in lines[0]
+
+
+def test_predict_reports_each_stage_on_stderr_unless_quiet(tmp_path):
+    """stderr is not a terminal here, so the progress display becomes one line per stage."""
+    dicoms = [str(p) for p in sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))]
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "density_histogram_model.p").write_bytes(
+        need_shared("weights", "official", "density_histogram_model.p").read_bytes()
+    )
+    args = ("predict", *dicoms, "--weights-dir", str(weights), "--models", "density_histogram", "--json")
+    lines = cli(*args).stderr.splitlines()
+    for stage in ("crop", "centers", "density"):
+        assert any(line.startswith(f"stage {stage} done in ") for line in lines), lines
+    assert cli(*args, "--quiet").stderr.strip() == ""

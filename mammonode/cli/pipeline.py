@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -18,6 +21,81 @@ from mammonode.cli.app import (
     usable_device_or_exit,
     weights_app,
 )
+
+if TYPE_CHECKING:
+    from mammonode.pipeline.progress import Progress
+
+
+class _RichProgress:
+    """A live display on a terminal: stage, units done/total, rate, elapsed and remaining."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.display = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        self.tasks: dict[str, int] = {}
+        self.current = ""
+        self.unit = ""
+
+    def stage(self, name: str, total: int | None = None, unit: str = "") -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.display.add_task(name, total=total, rate="")
+        else:
+            self.display.update(self.tasks[name], total=total)
+        self.current, self.unit = name, unit
+
+    def advance(self, units: int = 1) -> None:
+        task_id = self.tasks[self.current]
+        self.display.advance(task_id, units)
+        task = self.display.tasks[task_id]
+        if task.elapsed:
+            self.display.update(task_id, rate=f"{task.completed / task.elapsed:.1f} {self.unit}/s")
+
+    def stage_done(self, name: str, seconds: float) -> None:
+        task = self.display.tasks[self.tasks[name]]
+        total = task.total or task.completed or 1
+        self.display.update(self.tasks[name], total=total, completed=total, description=f"{name} ({seconds:.1f} s)")
+
+
+@contextmanager
+def progress_reporter(quiet: bool) -> Iterator[Progress]:
+    """Nothing with ``--quiet``; a live display when stderr is a terminal; otherwise one line
+    per stage on stderr."""
+    import logging
+    import sys
+
+    from mammonode.pipeline.progress import LogLines, Silent
+
+    if quiet:
+        yield Silent()
+    elif err.is_terminal:
+        reporter = _RichProgress()
+        with reporter.display:
+            yield reporter
+    else:
+        logger = logging.getLogger("mammonode.predict")
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        yield LogLines(logger)
 
 
 @app.command()
@@ -40,6 +118,7 @@ def predict(
     ),
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display or per-stage lines on stderr"),
 ) -> None:
     """Run the pipeline on one exam and print the result (the node's workers call the same code)."""
     from mammonode.pipeline.images import ImageInputError
@@ -68,7 +147,8 @@ def predict(
     try:
         prepared, seconds = prepare_exam(files or [], png, png_mirrored, allow_mixed=allow_mixed_studies)
         configure_torch(options.device, options.precision)
-        result = run_pipeline(prepared, options, {"prepare": seconds})
+        with progress_reporter(quiet) as progress:
+            result = run_pipeline(prepared, options, {"prepare": seconds}, progress)
     except (ImageInputError, WeightsError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -19,6 +19,7 @@ from mammonode.pipeline import standardise
 from mammonode.pipeline.augment import Window, cut, sample_window
 from mammonode.pipeline.inference import as_input, infer, prepare_model
 from mammonode.pipeline.models.resnet22 import LABELS, SplitBreastModel
+from mammonode.pipeline.progress import Progress
 
 MAX_CROP_NOISE = (100, 100)
 MAX_CROP_SIZE_NOISE = 100
@@ -66,6 +67,7 @@ def predict(
     batch_size: int = 1,
     device: torch.device | None = None,
     precision: str = "fp32",
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """``images``: cropped views facing right; ``heatmaps``: per view (H, W, 2) benign, malignant.
 
@@ -87,5 +89,7 @@ def predict(
         out = infer(model, batch, device, precision)
         # Each label's probability is the mean of its CC and MLO heads.
         per_epoch.append(((out["CC"].float() + out["MLO"].float()) / 2).cpu().numpy())
+        if progress is not None:
+            progress.advance(len(chunk))
     mean = np.concatenate(per_epoch).astype(np.float64).mean(axis=0)
     return {label: float(value) for label, value in zip(LABELS, mean)}

@@ -23,6 +23,7 @@ from torch import nn
 from mammonode.pipeline import standardise
 from mammonode.pipeline.images import ImageInputError
 from mammonode.pipeline.inference import as_input, infer, prepare_model
+from mammonode.pipeline.progress import Progress
 
 PATCH_SIZE = 256
 STRIDE_FIXED = 70
@@ -143,9 +144,14 @@ def patch_runner(model: nn.Module, channels_last: bool = True, precision: str = 
 
 
 def compute_heatmaps(
-    crops: Sequence[np.ndarray], grids: Sequence[PatchGrid], run: PatchRunner, batch_size: int = 64
+    crops: Sequence[np.ndarray],
+    grids: Sequence[PatchGrid],
+    run: PatchRunner,
+    batch_size: int = 64,
+    progress: Progress | None = None,
 ) -> tuple[list[Heatmaps], HeatmapStats]:
-    """Heatmaps for each cropped view (facing right) on its grid."""
+    """Heatmaps for each cropped view (facing right) on its grid; ``progress`` hears of every
+    classified batch."""
     import time
 
     standardised, corner_lists, todo = [], [], []
@@ -170,6 +176,8 @@ def compute_heatmaps(
     probabilities = [np.zeros((len(c), 4), dtype=np.float32) for c in corner_lists]
     queue_view = np.concatenate([np.full(len(chosen), index) for index, chosen in jobs])
     queue_patch = np.concatenate([chosen for _, chosen in jobs])
+    if progress is not None:
+        progress.stage("heatmaps", total=len(queue_view), unit="patches")
     start = time.perf_counter()
     for begin in range(0, len(queue_view), batch_size):
         views = queue_view[begin : begin + batch_size]
@@ -182,6 +190,8 @@ def compute_heatmaps(
             chosen = patches[views == v]
             probabilities[v][chosen] = out[row : row + len(chosen)]
             row += len(chosen)
+        if progress is not None:
+            progress.advance(len(views))
     seconds = time.perf_counter() - start
 
     results = []

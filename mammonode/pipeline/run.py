@@ -23,6 +23,7 @@ from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import CropInfo, crop_breast
 from mammonode.pipeline.heatmaps import HeatmapStats, compute_heatmaps, make_grids, patch_runner
 from mammonode.pipeline.images import ImageInputError, PreparedView
+from mammonode.pipeline.progress import Progress, Silent
 from mammonode.pipeline.registry import CANCER_MODELS, DENSITY_MODELS, SELECTABLE, check_selection
 from mammonode.pipeline.runtime import resolve_device
 from mammonode.pipeline.weights import ModelProvenance, WeightsError, load_model, model_file, provenance
@@ -163,10 +164,12 @@ def plan_models(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
 
 
 @contextmanager
-def _timed(timing: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(timing: dict[str, float], stage: str, progress: Progress) -> Iterator[None]:
+    progress.stage(stage)
     start = time.perf_counter()
     yield
     timing[stage] = time.perf_counter() - start
+    progress.stage_done(stage, timing[stage])
 
 
 def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndarray], dict[str, ViewResult]]:
@@ -193,20 +196,27 @@ def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndar
     return crops, views
 
 
-def _heatmaps(crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device) -> None:
+def _heatmaps(
+    crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress: Progress
+) -> None:
     patch_model = load_model("patch", options.weights_dir).to(device)
     result.models["patch"] = provenance(options.weights_dir, "patch")
     grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
     runner = patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
-    maps, result.heatmap_stats = compute_heatmaps([crops[v] for v in VIEWS], grids, runner, options.heatmap_batch)
+    maps, result.heatmap_stats = compute_heatmaps(
+        [crops[v] for v in VIEWS], grids, runner, options.heatmap_batch, progress
+    )
     for view, m, grid in zip(VIEWS, maps, grids):
         result.views[view].heatmap_benign = m.benign
         result.views[view].heatmap_malignant = m.malignant
         result.views[view].stride_lists = {"width": grid.width_strides, "length": grid.length_strides}
 
 
-def _cancer(name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device) -> None:
+def _cancer(
+    name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress
+) -> None:
     model = load_model(name, options.weights_dir).to(device)
+    progress.stage(name, total=options.epochs if options.augmentation else 1, unit="epochs")
     result.models[name] = provenance(options.weights_dir, name)
     heatmaps = None
     if name == "image_heatmaps":
@@ -222,6 +232,7 @@ def _cancer(name: str, crops: dict[str, np.ndarray], result: PipelineResult, opt
         batch_size=options.classifier_batch,
         device=device,
         precision=options.precision,
+        progress=progress,
     )
 
 
@@ -238,8 +249,13 @@ def _density(names: list[str], prepared: Mapping[str, PreparedView], result: Pip
 
 
 def run_pipeline(
-    prepared: Mapping[str, PreparedView], options: PipelineOptions, timing: dict[str, float] | None = None
+    prepared: Mapping[str, PreparedView],
+    options: PipelineOptions,
+    timing: dict[str, float] | None = None,
+    progress: Progress | None = None,
 ) -> PipelineResult:
+    """The exam's results. ``progress`` hears of each stage (and of patches and epochs)."""
+    progress = progress or Silent()
     missing = [v for v in VIEWS if v not in prepared]
     if missing:
         raise ImageInputError(f"the exam lacks views: {', '.join(missing)}")
@@ -255,21 +271,21 @@ def run_pipeline(
         parameters=options.parameters(),
         device=str(device),
     )
-    with _timed(timing, "crop"):
+    with _timed(timing, "crop", progress):
         crops, result.views = _crop_views(prepared)
-    with _timed(timing, "centers"):
+    with _timed(timing, "centers", progress):
         for view in VIEWS:
             result.views[view].best_center = best_center(crops[view], angle(view), result.views[view].crop)
     if "image_heatmaps" in models_to_run:
-        with _timed(timing, "heatmaps"):
-            _heatmaps(crops, result, options, device)
+        with _timed(timing, "heatmaps", progress):
+            _heatmaps(crops, result, options, device, progress)
     for name in CANCER_MODELS:
         if name in models_to_run:
-            with _timed(timing, name):
-                _cancer(name, crops, result, options, device)
+            with _timed(timing, name, progress):
+                _cancer(name, crops, result, options, device, progress)
     density_models = [m for m in DENSITY_MODELS if m in models_to_run]
     if density_models:
-        with _timed(timing, "density"):
+        with _timed(timing, "density", progress):
             _density(density_models, prepared, result, options, device)
     timing["total"] = timing.get("prepare", 0.0) + time.perf_counter() - total_start
     result.timing_s = timing

@@ -25,6 +25,7 @@ from mammonode.db.session import Database
 from mammonode.exam.views import VIEWS
 from mammonode.metrics import METRICS
 from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, read_dicom, without_pixels
+from mammonode.pipeline.progress import LogLines
 from mammonode.pipeline.run import PipelineOptions, plan_models, run_pipeline
 from mammonode.pipeline.runtime import configure_torch
 from mammonode.pipeline.weights import WeightsError
@@ -107,7 +108,8 @@ class PipelineWorker(Loop):
 
         log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
         prepared, headers, seconds, study = self._inputs(claimed)
-        result = run_pipeline(prepared, self.options, {"prepare": seconds})
+        progress = LogLines(log, prefix=f"job {claimed.job_id}: ")
+        result = run_pipeline(prepared, self.options, {"prepare": seconds}, progress)
         METRICS.observe_job(result.timing_s)
         stored = store_results(self.cfg, self.db, claimed, study, result, prepared, headers)
         with self.db.session() as session:
