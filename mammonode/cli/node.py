@@ -70,11 +70,11 @@ def worker(
 
 @app.command()
 def demo(
-    clean: bool = typer.Option(False, "--clean", help="remove the demo directory afterwards"),
     full: bool = typer.Option(False, "--full", help="run every model, heatmaps included (minutes on a CPU)"),
-    workdir: Path | None = typer.Option(None, "--workdir"),
+    workdir: Path | None = typer.Option(None, "--workdir", help="run in this directory and keep it"),
+    keep: bool = typer.Option(False, "--keep", help="keep the temporary demo directory (storage, results, weights)"),
 ) -> None:
     """Start a node in a temporary directory, send it a four-view study, print the results."""
     from mammonode.demo.run import run_demo
 
-    raise typer.Exit(run_demo(clean=clean, full=full, workdir=workdir))
+    raise typer.Exit(run_demo(full=full, workdir=workdir, keep=keep))

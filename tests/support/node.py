@@ -39,13 +39,18 @@ def write_config(path: Path, sections: dict, destinations: list[dict] | None = N
 
 
 def cli(
-    *args: str, config: Path | None = None, check: bool = True, timeout: float = 600, env: dict | None = None
+    *args: str,
+    config: Path | None = None,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mammonode.cli", *args]
     if config is not None:
         command += ["--config", str(config)]
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+        command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})}
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
