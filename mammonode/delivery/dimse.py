@@ -6,6 +6,7 @@ import socket
 import ssl
 
 import pydicom
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -32,15 +33,44 @@ def _connect_error(dest: Destination) -> str | None:
         return f"connect failed: {exc.strerror or exc}"
 
 
+def _transfer_syntax(path) -> str | None:
+    try:
+        return str(read_file_meta_info(path).TransferSyntaxUID)
+    except Exception:  # an unreadable file is reported when it is sent
+        return None
+
+
+def _requested_contexts(items: list[Item]) -> list:
+    """Per SOP class, the uncompressed syntaxes; and per compressed file syntax a context of
+    its own, so a peer that takes it gets the file as stored and one that does not gets it
+    decompressed."""
+    contexts = {(sop, tuple(TRANSFER_SYNTAXES)) for _, _, sop in items}
+    for _, path, sop in items:
+        syntax = _transfer_syntax(path)
+        if syntax and syntax not in TRANSFER_SYNTAXES:
+            contexts.add((sop, (syntax,)))
+    return [build_context(sop, list(syntaxes)) for sop, syntaxes in sorted(contexts)]
+
+
+def _as_accepted(ds, accepted: set[tuple[str, str]]):
+    """The data set in a transfer syntax the peer accepted for its SOP class."""
+    sop = str(ds.SOPClassUID)
+    if (sop, str(ds.file_meta.TransferSyntaxUID)) in accepted:
+        return ds
+    if any((sop, syntax) in accepted for syntax in TRANSFER_SYNTAXES) and ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    return ds
+
+
 def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> Outcome:
     """C-STORE each (delivery id, file, SOP class) over one association, negotiating exactly
-    the SOP classes it carries. ``calling_ae_title`` unless the destination names its own."""
+    the SOP classes (and compressed syntaxes) it carries. ``calling_ae_title`` unless the
+    destination names its own."""
     ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.network_timeout = 60
-    for sop_class in sorted({sop for _, _, sop in items}):
-        ae.requested_contexts.append(build_context(sop_class, TRANSFER_SYNTAXES))
+    ae.requested_contexts = _requested_contexts(items)
     outcome: dict[int, tuple[int | None, str]] = {}
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_client_ssl(dest))
@@ -52,15 +82,16 @@ def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> O
         else:
             reason = _connect_error(dest) or "association failed (no answer or aborted)"
         return {i: (None, reason) for i, _, _ in items}
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     try:
         for delivery_id, path, _sop in items:
             if not assoc.is_established:
                 outcome[delivery_id] = (None, "association lost")
                 continue
             try:
-                ds = pydicom.dcmread(path)
+                ds = _as_accepted(pydicom.dcmread(path), accepted)
             except Exception as exc:
-                outcome[delivery_id] = (None, f"cannot read result file: {exc}")
+                outcome[delivery_id] = (None, f"cannot read or decode result file: {exc}")
                 continue
             try:
                 status = assoc.send_c_store(ds)

@@ -97,16 +97,17 @@ class Orthanc:
 class StoreSCP:
     """DCMTK storescp writing every received object to its own file (duplicates included)."""
 
-    def __init__(self, tmp: Path, port: int, aet: str = "STORESCP"):
+    def __init__(self, tmp: Path, port: int, aet: str = "STORESCP", options: tuple[str, ...] = ()):
         self.folder = tmp / "received"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.aet = aet
+        self.options = options  # e.g. ("+xa",): accept every transfer syntax storescp knows
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.proc = subprocess.Popen(
-            [need_tool("storescp"), "-aet", self.aet, "+uf", "-od", str(self.folder), str(self.port)],
+            [need_tool("storescp"), "-aet", self.aet, *self.options, "+uf", "-od", str(self.folder), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
