@@ -1,4 +1,4 @@
-"""Admin commands: the queue, studies, retry, purge and the database schema."""
+"""Admin commands: the queue, studies, retry, purge, the database schema and reindex."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mammonode.cli.app import (
     err,
     open_db,
     print_json,
+    setup_logging,
     study_or_exit,
 )
 
@@ -25,9 +26,13 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
     """Queue overview: studies and jobs per state, workers, deliveries, recent errors."""
     cfg = config_or_exit(config)
     from mammonode.db.queries import status as status_query
+    from mammonode.ingest.layout import StorageLayout
 
+    layout = StorageLayout(cfg.storage_dir)
     with open_db(cfg).session() as session:
-        data = status_query(session, cfg.study.quiet_period_s, cfg.worker.stale_after_s)
+        data = status_query(
+            session, cfg.study.quiet_period_s, cfg.worker.stale_after_s, quarantined_files=layout.quarantined_count()
+        )
     if as_json:
         print_json(data)
         return
@@ -43,6 +48,14 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
         console.print(f"oldest waiting: {o['study_instance_uid']} ({o['state']} since {o['received_at']})")
     alive = [w for w in data["workers"] if w["alive"]]
     console.print(f"workers alive: {len(alive)} of {len(data['workers'])} known")
+    if data["quarantined_files"]:
+        console.print(
+            f"[yellow]{data['quarantined_files']} files in {layout.quarantine_dir}[/yellow] (no row refers to them; "
+            "`mammonode db reindex` records them again)",
+            highlight=False,
+        )
+    if data["quarantined_instances"]:
+        console.print(f"[yellow]{data['quarantined_instances']} instances of another patient than their study[/yellow]")
     for e in data["errors"]:
         console.print(
             f"[yellow]{e['at']} {e['level']} {e['kind']}[/yellow] {e['study_instance_uid'] or ''} {e['message']}",
@@ -173,3 +186,31 @@ def db_upgrade(config: Path | None = ConfigOption) -> None:
 
     db = open_db(cfg)
     console.print(f"database at revision {current_revision(db.engine)} (head {head_revision()})")
+
+
+@db_app.command("reindex")
+def db_reindex(
+    config: Path | None = ConfigOption,
+    min_age: float = typer.Option(
+        60.0, "--min-age", help="seconds; younger files under instances/ may be mid-store and are left alone"
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Record again every instance file no row refers to (under instances/ and quarantine/),
+    from its header, e.g. after the database was restored from a backup or lost. The node
+    may keep running."""
+    cfg = config_or_exit(config)
+    setup_logging(cfg, "WARNING")
+    from mammonode.ingest.recovery import reindex
+
+    data = reindex(cfg.storage_dir, open_db(cfg), min_age_s=min_age)
+    if as_json:
+        print_json(data)
+        return
+    console.print(
+        f"recorded {data['recorded']}, restored from quarantine {data['restored']}, unchanged {data['unchanged']}; "
+        f"kept in quarantine: {data['superseded']} older versions, {data['refused']} refused "
+        f"({data['quarantined_files']} files there); {data['recent']} too recent; "
+        f"{data['rows_without_file']} rows without a file",
+        highlight=False,
+    )

@@ -24,7 +24,7 @@ from mammonode.db.models import (
     Worker,
     utcnow,
 )
-from mammonode.db.records import usable_counts
+from mammonode.db.records import OTHER_PATIENT, other_patient_count, usable_counts
 
 
 def iso(value: datetime | None) -> str | None:
@@ -45,6 +45,8 @@ def study_summary(session: Session, study: Study, quiet_period_s: float, show_ph
         "received_at": iso(study.received_at),
         "updated_at": iso(study.updated_at),
         "note": study.note,
+        # Kept but never pipeline input: their Patient ID is not the study's.
+        "quarantined_instances": sum(1 for i in instances if i.reason == OTHER_PATIENT),
     }
     if show_phi:
         out["patient_id"] = study.patient_id
@@ -144,7 +146,16 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
     return out
 
 
-def status(session: Session, quiet_period_s: float, stale_after_s: float, errors: int = 5) -> dict:
+def status(
+    session: Session,
+    quiet_period_s: float,
+    stale_after_s: float,
+    errors: int = 5,
+    quarantined_files: int | None = None,
+) -> dict:
+    """The queue overview. ``quarantined_files`` (files under the storage directory's
+    ``quarantine/``) is counted by the caller, since nothing here touches files; None where
+    it was not counted."""
     studies = {state: 0 for state in StudyState.ALL}
     for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
         studies[state] = count
@@ -208,4 +219,6 @@ def status(session: Session, quiet_period_s: float, stale_after_s: float, errors
             "received_at": iso(oldest.received_at),
         },
         "errors": recent,
+        "quarantined_files": quarantined_files,
+        "quarantined_instances": other_patient_count(session),
     }

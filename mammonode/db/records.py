@@ -6,8 +6,9 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,29 @@ class RecordOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"
     REPLACED = "replaced"
+
+
+# Why an instance is kept but never used as pipeline input: its Patient ID is not the
+# study's (the first one recorded). The reason names neither ID; queries count rows by it.
+OTHER_PATIENT = "quarantined: Patient ID differs from the study's; not used as pipeline input"
+OTHER_PATIENT_NOTE = "flagged: holds images of another Patient ID (quarantined, not used)"
+
+
+class Recorded(NamedTuple):
+    outcome: RecordOutcome
+    replaced_path: str | None  # the older file, when a different object replaced it
+    transition: str | None  # the study's state change, for the log
+    other_patient: bool  # kept but quarantined: its Patient ID is not the study's
+
+
+class InstanceConflict(Exception):
+    """The SOP Instance UID is already recorded in another study. Moving it would take an
+    acknowledged image away from the first study, so the new object is refused."""
+
+    def __init__(self, sop_instance_uid: str, study_instance_uid: str):
+        super().__init__(f"instance {sop_instance_uid} already recorded in study {study_instance_uid}")
+        self.sop_instance_uid = sop_instance_uid
+        self.study_instance_uid = study_instance_uid
 
 
 @dataclass(frozen=True)
@@ -101,22 +125,43 @@ def record_event(
     session.add(Event(level=level, kind=kind, message=message, study_instance_uid=study_uid, seconds=seconds))
 
 
-def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome, str | None, str | None]:
-    """Insert or update the instance row and move its study's state. Returns the outcome,
-    the older file's path when a different object replaced an older one, and the study's
-    state transition (for the log) if there was one."""
+def _other_patient(study: Study, meta: InstanceMeta) -> bool:
+    """Whether the instance names a patient other than the study's first recorded one (one
+    Study Instance UID for two patients: a mis-merge or a reused UID)."""
+    return bool(study.patient_id and meta.patient_id and meta.patient_id != study.patient_id)
+
+
+def _flag_other_patient(session: Session, study: Study, meta: InstanceMeta) -> None:
+    study.note = OTHER_PATIENT_NOTE
+    record_event(
+        session,
+        "ERROR",
+        "patient-mismatch",
+        f"instance {meta.sop_instance_uid}: Patient ID differs from the study's; kept, not used as pipeline input",
+        meta.study_instance_uid,
+    )
+
+
+def record_instance(session: Session, meta: InstanceMeta) -> Recorded:
+    """Insert or update the instance row and move its study's state.
+
+    Raises :class:`InstanceConflict` (nothing written) when the SOP Instance UID belongs to
+    another study. An instance of another patient than the study's is recorded unusable
+    and the study flagged, so that one exam never mixes two patients' images."""
     now = utcnow()
+    existing = session.execute(
+        select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+    ).scalar_one_or_none()
+    if existing is not None and existing.study.study_instance_uid != meta.study_instance_uid:
+        raise InstanceConflict(meta.sop_instance_uid, existing.study.study_instance_uid)
     study, created = _upsert_study(session, meta, now)
     before = None if created else study.state
     for field in ("patient_id", "patient_name", "accession_number", "study_date"):
         if getattr(study, field) is None and getattr(meta, field) is not None:
             setattr(study, field, getattr(meta, field))
-    existing = session.execute(
-        select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
-    ).scalar_one_or_none()
     replaced_path = None
     if existing is not None and existing.sha256 == meta.sha256:
-        return RecordOutcome.DUPLICATE, None, None
+        return Recorded(RecordOutcome.DUPLICATE, None, None, False)
     fields = {
         k: getattr(meta, k)
         for k in (
@@ -135,13 +180,15 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
         )
     }
     fields["faces_expected"] = None if meta.mirrored is None else not meta.mirrored
+    other_patient = _other_patient(study, meta)
+    if other_patient:
+        fields["usable"], fields["reason"] = False, OTHER_PATIENT
+        _flag_other_patient(session, study, meta)
     if existing is None:
         session.add(Instance(study_id=study.id, sop_instance_uid=meta.sop_instance_uid, received_at=now, **fields))
         outcome = RecordOutcome.NEW
     else:
         replaced_path = existing.path
-        if existing.study_id != study.id:
-            existing.study_id = study.id
         for key, value in fields.items():
             setattr(existing, key, value)
         existing.received_at = now
@@ -164,7 +211,7 @@ def record_instance(session: Session, meta: InstanceMeta) -> tuple[RecordOutcome
         transition = f"{before} -> {study.state} (new inputs)"
     else:
         transition = None
-    return outcome, replaced_path, transition
+    return Recorded(outcome, replaced_path, transition, other_patient)
 
 
 def refresh_selection(session: Session, study: Study) -> bool:
@@ -203,6 +250,23 @@ def mark_unusable(session: Session, study_id: int, view: str, reason: str) -> No
         study.study_instance_uid,
     )
     refresh_selection(session, study)
+
+
+def instance_path(session: Session, sop_instance_uid: str) -> str | None:
+    """The recorded file of an instance, if any."""
+    return session.execute(
+        select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+
+
+def instance_paths(session: Session) -> list[str]:
+    return list(session.execute(select(Instance.path)).scalars())
+
+
+def other_patient_count(session: Session) -> int:
+    """Instances kept but quarantined because their Patient ID is not their study's."""
+    query = select(func.count()).select_from(Instance).where(Instance.reason == OTHER_PATIENT)
+    return session.execute(query).scalar_one()
 
 
 def known_paths(session: Session) -> set[str]:

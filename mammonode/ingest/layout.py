@@ -5,19 +5,25 @@
     <storage>/instances/<study UID>/<SOP UID>.<sha256[:16]>.dcm   received objects
     <storage>/results/<study UID>/<kind>.<SOP UID>.dcm            produced objects
     <storage>/tmp/                                               unfinished writes only
+    <storage>/quarantine/instances/<study UID>/<file>            kept, no row refers to it
 
 Every name below ``instances/`` and ``results/`` is built from checked UIDs, never from an
 unchecked header value. A write is: temporary file, fsync, rename, fsync of the directory;
-after a crash a file is either whole under its final name or a leftover in ``tmp/``.
+after a crash a file is either whole under its final name or a leftover in ``tmp/``. A
+received file is never deleted for want of a row: it moves to ``quarantine/`` under the same
+relative path, and ``mammonode db reindex`` re-records it.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # the layout alone (``mammonode status``) need not load pydicom
+    from pydicom.dataset import Dataset
 
 
 class StorageLayout:
@@ -31,6 +37,10 @@ class StorageLayout:
     @property
     def instances_dir(self) -> Path:
         return self.root / "instances"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
 
     def temporary_file(self) -> Path:
         return self.tmp_dir / f"{uuid.uuid4().hex}.part"
@@ -51,6 +61,26 @@ class StorageLayout:
 
     def absolute(self, relative: str) -> Path:
         return self.root / relative
+
+    def quarantine_path(self, path: Path) -> Path:
+        """Where a file of the storage directory goes when no row refers to it: the same
+        relative path below ``quarantine/``, so it can always be put back."""
+        return self.quarantine_dir / path.relative_to(self.root)
+
+    def is_quarantined(self, path: Path) -> bool:
+        return path.is_relative_to(self.quarantine_dir)
+
+    def quarantined_count(self) -> int:
+        return sum(1 for _ in files_below(self.quarantine_dir))
+
+
+def files_below(folder: Path) -> Iterator[Path]:
+    """Every regular file below ``folder`` (none when it does not exist)."""
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            if path.is_file():
+                yield path
 
 
 def fsync_dir(path: Path) -> None:
@@ -78,6 +108,15 @@ def publish(temp: Path, final: Path) -> None:
     ensure_dir(final.parent)
     os.replace(temp, final)
     fsync_dir(final.parent)
+
+
+def move(source: Path, target: Path) -> None:
+    """Rename a file to another place in the same storage directory, durably (both
+    directory entries fsynced), replacing a file of the same name."""
+    ensure_dir(target.parent)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)
 
 
 def write_dataset(ds: Dataset, final: Path, layout: StorageLayout) -> None:

@@ -6,26 +6,32 @@ copies the file into the storage directory under a temporary name while hashing 
 fsyncs it, renames it to its final name, fsyncs the directory, and records it in the
 database in one transaction. Only then may the caller acknowledge success. Any failure
 raises :class:`StoreError` with the DICOM status to answer and leaves no file or row behind.
+
+An object whose SOP Instance UID is already recorded in another study is refused; one whose
+Patient ID is not its study's is kept but quarantined (never pipeline input). Neither ever
+changes what an earlier, acknowledged object of the first study holds.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from time import sleep
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from mammonode.db.records import InstanceMeta, RecordOutcome, record_instance
+from mammonode.db.records import InstanceConflict, InstanceMeta, Recorded, RecordOutcome, record_instance
 from mammonode.db.session import Database
-from mammonode.exam.assignment import assign_view
-from mammonode.ingest.layout import StorageLayout, ensure_dir, publish
+from mammonode.exam.assignment import ViewAssignment, assign_view
+from mammonode.ingest.layout import StorageLayout, ensure_dir, move, publish
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,18 @@ INSTANCE_UID_MISMATCH = 0xA901
 PIXEL_DATA_MISMATCH = 0xA902
 CANNOT_UNDERSTAND = 0xC000
 INVALID_UID = 0xC001
+# PS3.7 Annex C (general statuses, valid in any DIMSE response): 0111H "Duplicate SOP
+# Instance" - a failure whose meaning is exactly this case (the UID is already registered
+# for another object). None of the Storage Service's own codes (PS3.4 B.2.3: A7xx out of
+# resources, A9xx does not match SOP Class, Cxxx cannot understand) says so, and A7xx would
+# make a sender retry an object that can never be stored.
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+# SQLite primary result codes after which pooled connections may be stale: one opened
+# while the file was read-only stays read-only, so they are closed and the write tried again
+# on new ones (storing resumes without a restart once the file is writable).
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 8, 10, 14
+STALE_ATTEMPTS = 3
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
@@ -154,6 +172,135 @@ def _acquired(ds: Dataset) -> str | None:
     return None
 
 
+def _discard(path: Path) -> None:
+    """Remove a file of ours if possible; on a read-only or failing disk it stays for
+    start-up recovery, and the caller's own error is the one to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _storage_error(exc: OSError, sop_uid: str) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "disk full"
+    elif exc.errno == errno.EROFS:
+        reason = "storage read-only"
+    else:
+        reason = f"write error ({errno.errorcode.get(exc.errno, exc.errno)})"
+    log.error("storage write failed for instance %s: %s", sop_uid, reason)
+    return StoreError(OUT_OF_RESOURCES, f"{reason}, not stored")
+
+
+def _stale_connection(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN)
+
+
+def _drop_connections(db: Database) -> None:
+    """Close every pooled connection, those of pools dropped earlier included (held in
+    reference cycles until collected): SQLite shares one WAL index per process, read-only
+    while any connection opened read-only lives."""
+    db.dispose()
+    gc.collect()
+
+
+def _record(db: Database, meta: InstanceMeta) -> Recorded:
+    """One transaction; when SQLite reports the database read-only or unreadable, tried
+    again on new connections (see ``_SQLITE_READONLY``), a few times within a second."""
+    for attempt in range(1, STALE_ATTEMPTS):
+        try:
+            with db.session() as session:
+                return record_instance(session, meta)
+        except OperationalError as exc:
+            if not _stale_connection(exc):
+                raise
+        _drop_connections(db)
+        sleep(0.1 * attempt)
+    with db.session() as session:
+        return record_instance(session, meta)
+
+
+def _record_or_refuse(db: Database, meta: InstanceMeta, final: Path, created: bool) -> Recorded:
+    """Record the instance; on any refusal remove the file this call published."""
+    try:
+        return _record(db, meta)
+    except InstanceConflict as exc:
+        if created:
+            _discard(final)
+            _remove_empty(final.parent)
+        log.warning(
+            "instance %s refused for study %s: already recorded in study %s",
+            meta.sop_instance_uid,
+            meta.study_instance_uid,
+            exc.study_instance_uid,
+        )
+        raise StoreError(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored in another study") from exc
+    except SQLAlchemyError as exc:
+        if created:
+            _discard(final)
+        log.error("database write failed for instance %s: %s", meta.sop_instance_uid, type(exc).__name__)
+        raise StoreError(OUT_OF_RESOURCES_DB, "database unavailable, not stored") from exc
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _meta(
+    ds: Dataset,
+    uids: dict[str, str],
+    assignment: ViewAssignment,
+    path: str,
+    size: int,
+    digest: str,
+    calling_ae: str | None,
+) -> InstanceMeta:
+    return InstanceMeta(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        modality=_text(ds, "Modality", 16),
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+        path=path,
+        size=size,
+        sha256=digest,
+        view=assignment.view,
+        usable=assignment.usable,
+        reason=assignment.reason or None,
+        mirrored=assignment.mirrored,
+        acquired=_acquired(ds),
+        calling_ae_title=calling_ae,
+        patient_id=_text(ds, "PatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+    )
+
+
+def _checked_uids(ds: Dataset, expected_sop_uid: str | None, expected_sop_class: str | None) -> dict[str, str]:
+    uids = {k: _uid(ds, k) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
+    if expected_sop_uid is not None and expected_sop_uid != uids["SOPInstanceUID"]:
+        raise StoreError(INSTANCE_UID_MISMATCH, "SOP Instance UID differs from the request")
+    if expected_sop_class is not None and expected_sop_class != uids["SOPClassUID"]:
+        raise StoreError(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request")
+    return uids
+
+
+def _set_aside(layout: StorageLayout, relative: str, keep: bool) -> None:
+    """The file of an object a different one replaced: removed, or kept in quarantine when
+    it is not certain to be the older one (``db reindex``)."""
+    old = layout.absolute(relative)
+    if not keep:
+        _discard(old)
+    elif old.exists():
+        move(old, layout.quarantine_path(old))
+
+
 def ingest(
     spool: Path,
     storage_dir: Path,
@@ -161,72 +308,36 @@ def ingest(
     calling_ae: str | None = None,
     expected_sop_uid: str | None = None,
     expected_sop_class: str | None = None,
+    keep_replaced: bool = False,
 ) -> IngestResult:
     ds = read_header(spool)
-    sop_uid = _uid(ds, "SOPInstanceUID")
-    study_uid = _uid(ds, "StudyInstanceUID")
-    series_uid = _uid(ds, "SeriesInstanceUID")
-    sop_class = _uid(ds, "SOPClassUID")
-    if expected_sop_uid is not None and expected_sop_uid != sop_uid:
-        raise StoreError(INSTANCE_UID_MISMATCH, "SOP Instance UID differs from the request")
-    if expected_sop_class is not None and expected_sop_class != sop_class:
-        raise StoreError(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request")
+    uids = _checked_uids(ds, expected_sop_uid, expected_sop_class)
+    sop_uid, study_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"]
     _check_pixel_data(ds)
     assignment = assign_view(ds)
 
     layout = StorageLayout(storage_dir)
     temp = layout.temporary_file()
-    final: Path | None = None
     try:
         ensure_dir(layout.tmp_dir)
         digest, size = _copy_hashed(spool, temp)
         final = layout.instance_path(study_uid, sop_uid, digest)
-        meta = InstanceMeta(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            modality=_text(ds, "Modality", 16),
-            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
-            path=layout.relative(final),
-            size=size,
-            sha256=digest,
-            view=assignment.view,
-            usable=assignment.usable,
-            reason=assignment.reason or None,
-            mirrored=assignment.mirrored,
-            acquired=_acquired(ds),
-            calling_ae_title=calling_ae,
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
-            accession_number=_text(ds, "AccessionNumber", 16),
-            study_date=_text(ds, "StudyDate", 8),
-        )
-        already = final.exists()
-        if not already:
+        meta = _meta(ds, uids, assignment, layout.relative(final), size, digest, calling_ae)
+        created = not final.exists()
+        if created:
             publish(temp, final)
         else:
             temp.unlink()
-        try:
-            with db.session() as session:
-                outcome, replaced_path, transition = record_instance(session, meta)
-        except SQLAlchemyError as exc:
-            if not already:
-                final.unlink(missing_ok=True)
-            log.error("database write failed for instance %s: %s", sop_uid, type(exc).__name__)
-            raise StoreError(OUT_OF_RESOURCES_DB, "database unavailable, not stored") from exc
-        if replaced_path and replaced_path != meta.path:
-            layout.absolute(replaced_path).unlink(missing_ok=True)
-        if transition:
-            log.info("study %s: %s", study_uid, transition)
-        if outcome == RecordOutcome.REPLACED:
-            log.warning("instance %s of study %s replaced by a different object", sop_uid, study_uid)
-        return IngestResult(outcome=outcome, study_instance_uid=study_uid, sop_instance_uid=sop_uid, path=final)
+        recorded = _record_or_refuse(db, meta, final, created)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason = "disk full"
-        else:
-            reason = f"write error ({errno.errorcode.get(exc.errno, exc.errno)})"
-        log.error("storage write failed for instance %s: %s", sop_uid, reason)
-        raise StoreError(OUT_OF_RESOURCES, f"{reason}, not stored") from exc
+        _discard(temp)
+        raise _storage_error(exc, sop_uid) from exc
+    if recorded.replaced_path and recorded.replaced_path != meta.path:
+        _set_aside(layout, recorded.replaced_path, keep_replaced)
+    if recorded.transition:
+        log.info("study %s: %s", study_uid, recorded.transition)
+    if recorded.outcome == RecordOutcome.REPLACED:
+        log.warning("instance %s of study %s replaced by a different object", sop_uid, study_uid)
+    if recorded.other_patient:
+        log.error("instance %s of study %s: Patient ID differs from the study's; quarantined", sop_uid, study_uid)
+    return IngestResult(outcome=recorded.outcome, study_instance_uid=study_uid, sop_instance_uid=sop_uid, path=final)

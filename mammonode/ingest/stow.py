@@ -64,6 +64,22 @@ def _xml(ds: Dataset) -> str:
     return f'<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel>{attrs(ds)}</NativeDicomModel>'
 
 
+def _out_of_resources(reason: int) -> bool:
+    """PS3.4 B.2.3: A7xx is "Refused: Out of Resources" (disk or database unavailable)."""
+    return 0xA700 <= reason <= 0xA7FF
+
+
+def _http_status(stored: list, failed: list) -> int:
+    """200 all stored; 202 some; when none: 503 if the node could not store for want of
+    resources (a read-only or full disk, an unavailable database; the client should retry
+    later; PS3.18 STOW-RS response status), else 409 (the parts themselves were refused)."""
+    if not failed:
+        return 200
+    if stored:
+        return 202
+    return 503 if any(_out_of_resources(reason) for *_, reason in failed) else 409
+
+
 class StowHandler:
     """``POST /dicomweb/studies[/{study}]``."""
 
@@ -166,7 +182,7 @@ class StowHandler:
                 item.FailureReason = reason
                 items.append(item)
             response.FailedSOPSequence = items
-        code = 200 if not failed else (202 if stored else 409)
+        code = _http_status(stored, failed)
         if "xml" in request.headers.get("accept", ""):
             return Response(_xml(response), status_code=code, media_type="application/dicom+xml")
         return Response(json.dumps(response.to_json_dict()), status_code=code, media_type=DICOM_JSON)
