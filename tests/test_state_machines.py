@@ -204,6 +204,16 @@ def test_finish_marks_job_and_study_done(db):
     assert len(events(db, "job-done")) == 1
 
 
+def test_finishing_keeps_the_flag_of_a_study_with_another_patients_image(db):
+    study_id, job_id = claimed_job(db)
+    flag = "flagged: holds images of another Patient ID (quarantined, not used)"
+    with db.session() as s:
+        s.get(Study, study_id).note = flag
+    with db.session() as s:
+        finish(s, job_id, "w1", timings={"total": 1.0}, result={})
+    assert get(db, Study, study_id).note == flag
+
+
 def test_fail_with_attempts_left_requeues(db):
     study_id, job_id = claimed_job(db)
     with db.session() as s:

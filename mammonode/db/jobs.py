@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mammonode.db.models import Job, JobState, Study, StudyState, Worker, utcnow
-from mammonode.db.records import record_event
+from mammonode.db.records import OTHER_PATIENT_NOTE, record_event
 from mammonode.db.session import locked
 
 
@@ -149,7 +149,8 @@ def finish(session: Session, job_id: int, worker_id: str, timings: dict, result:
     study.processed_key = job.selection_key
     if study.selection_key == job.selection_key:
         study.state = StudyState.DONE
-        study.note = None
+        if study.note != OTHER_PATIENT_NOTE:  # the flag of a mis-merged study outlives its jobs
+            study.note = None
     study.updated_at = now
     record_event(
         session, "INFO", "job-done", f"job {job.id} done", study.study_instance_uid, seconds=timings.get("total")

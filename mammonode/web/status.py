@@ -9,6 +9,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from mammonode.config import Config
 from mammonode.db.queries import find_study, status, study_detail
 from mammonode.db.session import Database
+from mammonode.ingest.layout import StorageLayout
 from mammonode.web.status_page import render_status_page
 
 
@@ -19,7 +20,12 @@ class StatusEndpoints:
 
     def status_json(self, request: Request) -> Response:
         with self.db.session() as session:
-            data = status(session, self.cfg.study.quiet_period_s, self.cfg.worker.stale_after_s)
+            data = status(
+                session,
+                self.cfg.study.quiet_period_s,
+                self.cfg.worker.stale_after_s,
+                quarantined_files=StorageLayout(self.cfg.storage_dir).quarantined_count(),
+            )
         return JSONResponse(data)
 
     def study_json(self, request: Request) -> Response:
