@@ -14,11 +14,39 @@ from mammonode.cli.app import (
     console,
     db_app,
     err,
+    local_time,
     open_db,
     print_json,
     setup_logging,
     study_or_exit,
 )
+
+
+def _where(cfg) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(cfg.database_url).render_as_string(hide_password=True)
+
+
+def _print_scores(result: dict | None) -> None:
+    """The latest result's scores and density, and which models ran."""
+    if not result:
+        return
+    if result.get("test_weights"):
+        console.print("[red]TEST WEIGHTS - NOT FOR CLINICAL USE[/red]")
+    for model, preds in (result.get("cancer") or {}).items():
+        console.print(
+            f"{model}: P(malignant) right {preds['right_malignant']:.3f} left {preds['left_malignant']:.3f}; "
+            f"P(benign) right {preds['right_benign']:.3f} left {preds['left_benign']:.3f}",
+            highlight=False,
+        )
+    for model, dens in (result.get("density") or {}).items():
+        probs = " ".join(f"{c}={p:.2f}" for c, p in zip("abcd", dens["probabilities"]))
+        console.print(f"density ({model}): BI-RADS {dens['category']} [{probs}]", highlight=False)
+    ran = ", ".join(result.get("models") or {}) or "none"
+    console.print(f"models run: {ran} (device {result.get('device')})", highlight=False)
+    for name, reason in (result.get("skipped") or {}).items():
+        console.print(f"[yellow]not run: {name}: {reason}[/yellow]", highlight=False)
 
 
 @app.command()
@@ -36,6 +64,7 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
     if as_json:
         print_json(data)
         return
+    console.print(f"config: {cfg.source}; database: {_where(cfg)}", highlight=False)
     table = Table(title="studies")
     for state in data["studies"]:
         table.add_column(state)
@@ -45,7 +74,10 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
     console.print("deliveries: " + ", ".join(f"{k} {v}" for k, v in data["deliveries"].items()))
     if data["oldest_waiting"]:
         o = data["oldest_waiting"]
-        console.print(f"oldest waiting: {o['study_instance_uid']} ({o['state']} since {o['received_at']})")
+        console.print(
+            f"oldest waiting: {o['study_instance_uid']} ({o['state']} since {local_time(o['received_at'])})",
+            highlight=False,
+        )
     alive = [w for w in data["workers"] if w["alive"]]
     console.print(f"workers alive: {len(alive)} of {len(data['workers'])} known")
     if data["quarantined_files"]:
@@ -58,7 +90,8 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
         console.print(f"[yellow]{data['quarantined_instances']} instances of another patient than their study[/yellow]")
     for e in data["errors"]:
         console.print(
-            f"[yellow]{e['at']} {e['level']} {e['kind']}[/yellow] {e['study_instance_uid'] or ''} {e['message']}",
+            f"[yellow]{local_time(e['at'])} {e['level']} {e['kind']}[/yellow] "
+            f"{e['study_instance_uid'] or ''} {e['message']}",
             highlight=False,
         )
 
@@ -84,16 +117,23 @@ def studies(
     if as_json:
         print_json(rows)
         return
+    # The UID is never cut (it is what one copies); the other columns wrap instead.
     table = Table()
-    for col in ("study_instance_uid", "state", "views", "missing", "updated"):
-        table.add_column(col)
+    widest = max((len(r["study_instance_uid"]) for r in rows), default=20)
+    table.add_column("study_instance_uid", no_wrap=True, min_width=widest)
+    for col in ("state", "views", "missing", "updated"):
+        table.add_column(col, overflow="fold")
+    phi = ("patient_name", "patient_id", "accession_number", "study_date") if show_phi else ()
+    for col in phi:
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r["study_instance_uid"],
             r["state"],
             " ".join(f"{k}:{v}" for k, v in r["views"].items()),
             ",".join(r["missing_views"]),
-            r["updated_at"],
+            local_time(r["updated_at"]),
+            *[r.get(col) or "" for col in phi],
         )
     console.print(table)
 
@@ -117,9 +157,18 @@ def study(
         return
     console.print(
         f"[bold]{data['study_instance_uid']}[/bold]  state {data['state']}  missing "
-        f"{', '.join(data['missing_views']) or 'none'}",
+        f"{', '.join(data['missing_views']) or 'none'}  updated {local_time(data['updated_at'])}",
         highlight=False,
     )
+    if show_phi:
+        console.print(
+            "patient {} ({}), accession {}, study date {}".format(
+                *(data.get(k) or "-" for k in ("patient_name", "patient_id", "accession_number", "study_date"))
+            ),
+            highlight=False,
+        )
+    if data.get("note"):
+        console.print(f"[yellow]{data['note']}[/yellow]", highlight=False)
     table = Table(title="instances")
     for col in ("sop_instance_uid", "view", "usable", "reason"):
         table.add_column(col)
@@ -128,8 +177,9 @@ def study(
     console.print(table)
     for j in data["jobs"]:
         console.print(f"job {j['id']}: {j['state']} attempts {j['attempts']} {j['last_error'] or ''}", highlight=False)
+    _print_scores(data.get("result"))
     for r in data["results"]:
-        states = ", ".join(f"{d['destination']}={d['state']}" for d in r["deliveries"]) or "no destinations"
+        states = ", ".join(f"{d['destination']}={d['state']}" for d in r["deliveries"]) or "kept here, not sent"
         console.print(f"result {r['kind']}: {cfg.storage_dir / r['path']} ({states})", highlight=False)
 
 
@@ -153,8 +203,15 @@ def retry(
             raise typer.Exit(1) from None
     if as_json:
         print_json(data)
+    elif data["deliveries_reset"] or data["job_queued"]:
+        queued = "; the study is queued to run again" if data["job_queued"] else ""
+        console.print(f"{data['deliveries_reset']} deliveries will be sent again{queued}", highlight=False)
     else:
-        console.print(f"{data['deliveries_reset']} deliveries re-queued; job queued: {data['job_queued']}")
+        console.print(
+            f"nothing to do: no failed deliveries, and the study is {found.state}, not failed "
+            "(--force re-runs a done or incomplete study and re-sends delivered objects)",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -173,19 +230,26 @@ def purge(
     if as_json:
         print_json(data)
     else:
+        verb = "would remove" if dry_run else "removed"
         console.print(
-            f"removed {data['removed']} studies; {data['skipped_pending_deliveries']} kept (deliveries pending)"
+            f"{verb} {data['removed']} studies ({data['bytes'] / 1e6:.1f} MB); "
+            f"{data['skipped_pending_deliveries']} kept (deliveries pending)",
+            highlight=False,
         )
 
 
 @db_app.command("upgrade")
-def db_upgrade(config: Path | None = ConfigOption) -> None:
+def db_upgrade(config: Path | None = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Create or migrate the database schema to the current version."""
     cfg = config_or_exit(config)
     from mammonode.db.migrate import current_revision, head_revision
 
-    db = open_db(cfg)
-    console.print(f"database at revision {current_revision(db.engine)} (head {head_revision()})")
+    db = open_db(cfg, create=True)
+    data = {"database": _where(cfg), "revision": current_revision(db.engine), "head": head_revision()}
+    if as_json:
+        print_json(data)
+    else:
+        console.print(f"database {data['database']} at revision {data['revision']} (head {data['head']})")
 
 
 @db_app.command("reindex")
@@ -203,7 +267,7 @@ def db_reindex(
     setup_logging(cfg, "WARNING")
     from mammonode.ingest.recovery import reindex
 
-    data = reindex(cfg.storage_dir, open_db(cfg), min_age_s=min_age)
+    data = reindex(cfg.storage_dir, open_db(cfg, create=True), min_age_s=min_age)
     if as_json:
         print_json(data)
         return

@@ -39,7 +39,8 @@ def _options(
 
 app.add_typer(db_app, name="db")
 app.add_typer(weights_app, name="weights")
-console = Console(soft_wrap=True)
+# Piped output is read by scripts and wide editors: tables are not squeezed to 80 columns there.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 err = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default ./config.toml or $MAMMONODE_CONFIG)")
@@ -66,10 +67,37 @@ def setup_logging(cfg: Config, level: str | None = None) -> None:
     logs.setup(level or cfg.logging.level, cfg.logging.json, cfg.logging.file)
 
 
-def open_db(cfg: Config):
+def open_db(cfg: Config, create: bool = False):
+    """The configured database. Only ``create`` makes a new one: a read-only command run
+    with the wrong config must not leave an empty database behind and report an empty node."""
     from mammonode.db import open_database
+    from mammonode.db.session import is_sqlite
 
-    return open_database(cfg)
+    if is_sqlite(cfg.database_url) and not create:
+        path = Path(cfg.database_url.split("///", 1)[1])
+        if not path.exists():
+            fail(
+                f"no database at {path} (config: {cfg.source}); start the node, "
+                "or give the node's config with --config",
+                cfg,
+            )
+    from mammonode.service.startup import StartupError, open_node_database
+
+    try:
+        return open_node_database(cfg) if create else open_database(cfg)
+    except StartupError as exc:
+        fail(str(exc), cfg)
+    except Exception as exc:  # an unreachable PostgreSQL server, a corrupt file
+        fail(f"database: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}", cfg)
+
+
+def local_time(iso: str | None) -> str:
+    """An ISO 8601 timestamp as local time with its zone, to the second (human output only)."""
+    if not iso:
+        return ""
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def fail(message: str, cfg: Config | None = None, code: int = 1) -> NoReturn:
@@ -101,13 +129,22 @@ def optional_config(path: Path | None) -> Config:
 
 
 def study_or_exit(session, uid: str):
+    """The study with this Study Instance UID, or the one whose UID starts with it."""
+    from sqlalchemy import select
+
+    from mammonode.db.models import Study
     from mammonode.db.queries import find_study
 
     found = find_study(session, uid)
-    if found is None:
-        err.print(f"no study {uid}")
-        raise typer.Exit(1)
-    return found
+    if found is not None:
+        return found
+    query = select(Study).where(Study.study_instance_uid.startswith(uid, autoescape=True)).limit(2)
+    matches = list(session.execute(query).scalars())
+    if len(matches) > 1:
+        fail(f"{uid} is the start of more than one Study Instance UID; give more of it")
+    if not matches:
+        fail(f"no study {uid}")
+    return matches[0]
 
 
 def print_json(data) -> None:

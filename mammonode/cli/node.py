@@ -24,7 +24,8 @@ def serve(
     """Run the node: DIMSE listener, study assembly, pipeline worker(s) and result delivery."""
     cfg = config_or_exit(config)
     setup_logging(cfg)
-    from mammonode.service.node import Node, StartupError
+    from mammonode.service.node import Node
+    from mammonode.service.startup import StartupError
 
     try:
         node = Node(cfg, workers=False if no_worker else None)
@@ -47,7 +48,7 @@ def worker(
 
     cfg = config_or_exit(config)
     setup_logging(cfg)
-    from mammonode.service.node import StartupError, open_node_database
+    from mammonode.service.startup import StartupError, open_node_database
     from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
     usable_device_or_exit(device or cfg.pipeline.device)

@@ -115,7 +115,9 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
         .first()
     )
     if latest is not None and latest.result:
-        out["result"] = {k: latest.result.get(k) for k in ("cancer", "density", "models", "test_weights", "device")}
+        out["result"] = {
+            k: latest.result.get(k) for k in ("cancer", "density", "models", "skipped", "test_weights", "device")
+        }
     results = []
     for r in session.execute(
         select(ResultObject).where(ResultObject.study_id == study.id).order_by(ResultObject.id)

@@ -15,6 +15,14 @@ def purge(db: Database, layout: StorageLayout, older_than_days: float, dry_run: 
     with db.session() as session:
         studies, pending = admin.purgeable(session, older_than_days)
         removed = [study.study_instance_uid for study in studies]
+        freed = sum(
+            path.stat().st_size
+            for study in studies
+            for folder in layout.study_dirs(study.study_instance_uid)
+            if folder.is_dir()
+            for path in folder.rglob("*")
+            if path.is_file()
+        )
         if not dry_run:
             for study in studies:
                 for folder in layout.study_dirs(study.study_instance_uid):
@@ -24,5 +32,6 @@ def purge(db: Database, layout: StorageLayout, older_than_days: float, dry_run: 
         "removed": len(removed),
         "skipped_pending_deliveries": pending,
         "study_instance_uids": removed,
+        "bytes": freed,
         "dry_run": dry_run,
     }

@@ -11,33 +11,15 @@ import threading
 import time
 
 from mammonode.config import Config
-from mammonode.db import open_database
 from mammonode.ingest.dimse import DimseListener
 from mammonode.ingest.recovery import recover
 from mammonode.service.assembler import Assembler
 from mammonode.service.loop import Loop
 from mammonode.service.sender import DeliverySender
+from mammonode.service.startup import StartupError, open_node_database
 from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The node cannot start; the message is one line for the operator."""
-
-
-def open_node_database(cfg: Config):
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        return open_database(cfg)
-    except OSError as exc:
-        raise StartupError(f"storage directory {cfg.storage_dir}: {exc.strerror or exc}") from None
-    except SQLAlchemyError as exc:
-        where = make_url(cfg.database_url).render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StartupError(f"database {where}: {reason}") from None
 
 
 class Node:
