@@ -50,7 +50,10 @@ def _print_scores(result: dict | None) -> None:
 
 
 @app.command()
-def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(
+    config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
+) -> None:
     """Queue overview: studies and jobs per state, workers, deliveries, recent errors."""
     cfg = config_or_exit(config)
     from mammonode.db.queries import status as status_query
@@ -99,9 +102,9 @@ def status(config: Path | None = ConfigOption, as_json: bool = typer.Option(Fals
 @app.command()
 def studies(
     config: Path | None = ConfigOption,
-    state: str | None = typer.Option(None, "--state"),
-    limit: int = typer.Option(50, "--limit"),
-    as_json: bool = typer.Option(False, "--json"),
+    state: str | None = typer.Option(None, "--state", help="only studies in this state"),
+    limit: int = typer.Option(50, "--limit", help="at most this many studies, newest first"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
     show_phi: bool = typer.Option(False, "--show-phi", help="include patient ID and name"),
 ) -> None:
     """Recent studies with their state and views."""
@@ -142,8 +145,8 @@ def studies(
 def study(
     uid: str,
     config: Path | None = ConfigOption,
-    as_json: bool = typer.Option(False, "--json"),
-    show_phi: bool = typer.Option(False, "--show-phi"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
+    show_phi: bool = typer.Option(False, "--show-phi", help="include patient name and ID, accession, study date"),
 ) -> None:
     """One study: instances and view assignments, jobs, results and deliveries."""
     cfg = config_or_exit(config)
@@ -188,7 +191,7 @@ def retry(
     uid: str,
     config: Path | None = ConfigOption,
     force: bool = typer.Option(False, "--force", help="also re-run done studies and re-send delivered objects"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
 ) -> None:
     """Re-send failed deliveries and re-queue a failed study."""
     cfg = config_or_exit(config)
@@ -218,8 +221,8 @@ def retry(
 def purge(
     older_than: float = typer.Option(..., "--older-than", help="days since last change"),
     config: Path | None = ConfigOption,
-    dry_run: bool = typer.Option(False, "--dry-run"),
-    as_json: bool = typer.Option(False, "--json"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be removed, remove nothing"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
 ) -> None:
     """Remove files and rows of finished studies older than the given number of days."""
     cfg = config_or_exit(config)
@@ -239,7 +242,10 @@ def purge(
 
 
 @db_app.command("upgrade")
-def db_upgrade(config: Path | None = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def db_upgrade(
+    config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
+) -> None:
     """Create or migrate the database schema to the current version."""
     cfg = config_or_exit(config)
     from mammonode.db.migrate import current_revision, head_revision
@@ -258,7 +264,7 @@ def db_reindex(
     min_age: float = typer.Option(
         60.0, "--min-age", help="seconds; younger files under instances/ may be mid-store and are left alone"
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
 ) -> None:
     """Record again every instance file no row refers to (under instances/ and quarantine/),
     from its header, e.g. after the database was restored from a backup or lost. The node
