@@ -6,9 +6,13 @@ Runs the whole exam (all four models, 10 augmented epochs) with the seed-0 test 
 process so peak RSS is its own. Prints per-stage seconds, patches/s, peak RSS, speed-up
 against the original's ~430 s, the raw throughput of the patch model alone measured in the
 same run (fp32 NCHW, fp32 channels-last, bf16 autocast), and how far bf16 lands from the
-reference outputs.
+reference outputs. Then the image-wise models (opt-in): once configured beside the four
+exam models (what they add to a node's run; L-CC's image-wise heatmaps are the exam's) and
+once alone (``predict --models image_only_imagewise,image_heatmaps_imagewise``), with their
+stage times and their deviation from ../shared/reference/imagewise.
 
     .venv/bin/python benchmarks/pipeline.py [--device cpu|cuda] [--skip-bf16]
+        [--skip-imagewise | --imagewise-only]
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from common import REPO, SHARED
 
 LABELS = ("left_benign", "right_benign", "left_malignant", "right_malignant")
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+EXAM_MODELS = "image_only,image_heatmaps,density_histogram,density_cnn"
+IMAGEWISE_MODELS = "image_only_imagewise,image_heatmaps_imagewise"
+IMAGEWISE_STAGES = ("imagewise_heatmaps", "image_only_imagewise", "image_heatmaps_imagewise")
 
 
 def weights_dir(tmp: Path) -> Path:
@@ -39,7 +46,7 @@ def weights_dir(tmp: Path) -> Path:
     return target
 
 
-def child(mode: str, device: str, weights: Path, heatmaps_out: Path) -> None:
+def child(mode: str, device: str, weights: Path, heatmaps_out: Path, models: str) -> None:
     """Run once in this process and print a JSON line (timings, peak RSS)."""
     sys.path.insert(0, str(REPO))
     from mammonode.pipeline.inputs import prepare_exam
@@ -49,18 +56,26 @@ def child(mode: str, device: str, weights: Path, heatmaps_out: Path) -> None:
     configure_torch(device, mode)
     start = time.perf_counter()
     prepared, seconds = prepare_exam(sorted((SHARED / "samples" / "dicom" / "density-exam").glob("*.dcm")))
-    result = run_pipeline(
-        prepared, PipelineOptions(weights_dir=weights, device=device, precision=mode), {"prepare": seconds}
-    )
+    options = PipelineOptions(weights_dir=weights, device=device, precision=mode, models=tuple(models.split(",")))
+    result = run_pipeline(prepared, options, {"prepare": seconds})
     wall = time.perf_counter() - start
     heatmaps_out.mkdir(parents=True, exist_ok=True)
     for view, v in result.views.items():
-        np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant)
-        np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign)
+        if v.heatmap_malignant is not None:
+            np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant)
+            np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign)
+        if v.imagewise is not None:
+            np.save(heatmaps_out / f"{view}_imagewise_malignant.npy", v.imagewise.malignant)
+            np.save(heatmaps_out / f"{view}_imagewise_benign.npy", v.imagewise.benign)
     data = result.as_dict()
     data["wall_s"] = wall
     data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    data["heatmap_model_s"] = result.heatmap_stats.seconds_model
+    for key, stats in (
+        ("heatmap_model_s", result.heatmap_stats),
+        ("imagewise_model_s", result.imagewise_heatmap_stats),
+    ):
+        if stats is not None:
+            data[key] = stats.seconds_model
     print("RESULT " + json.dumps(data))
 
 
@@ -127,18 +142,69 @@ def deviations(run: dict, heatmaps: Path, reference: dict) -> dict:
     return {"heatmap_block8_max": heat, "cancer_max": cancer, "density_max": dens}
 
 
+def imagewise_deviations(run: dict, heatmaps: Path, reference: dict) -> dict:
+    """Largest deviation from the image-wise reference: heatmap block means, predictions."""
+    folder = SHARED / "reference" / "imagewise"
+    heat = max(
+        float(
+            np.abs(
+                block8(np.load(heatmaps / f"{v}_imagewise_{k}.npy"))
+                - np.load(folder / reference["views"][v]["heatmaps"][k]["block8_file"])
+            ).max()
+        )
+        for v in VIEWS
+        for k in ("benign", "malignant")
+    )
+    predictions = max(
+        abs(
+            run["images"][v][f"{m}_imagewise"][label]
+            - reference["views"][v]["predictions"][m]["augmented_seed0_epochs10"][label]
+        )
+        for v in VIEWS
+        for m in ("image_only", "image_heatmaps")
+        for label in ("benign", "malignant")
+    )
+    return {"heatmap_block8_max": heat, "predictions_max": predictions}
+
+
+def print_imagewise(name: str, run: dict, exam_total: float | None) -> None:
+    t = run["timing_s"]
+    stages = ", ".join(f"{k} {t[k]:.1f}" for k in IMAGEWISE_STAGES)
+    added = sum(t[k] for k in IMAGEWISE_STAGES)
+    patches = run["imagewise_heatmap_patches"]
+    reused = [v for v in VIEWS if run["views"][v]["imagewise"]["reused_exam_heatmaps"]]
+    print(
+        f"[{name}] image-wise stages (s): {stages}; together {added:.1f} s; total {t['total']:.1f} s"
+        + (f" ({t['total'] - exam_total:+.1f} s against the exam-only fp32 run)" if exam_total else "")
+    )
+    print(
+        f"[{name}] image-wise heatmaps: {patches['total']} patches ({patches['classified']} classified), "
+        f"{patches['classified'] / max(run['imagewise_model_s'], 1e-9):.1f} classified patches/s in the model; "
+        f"reused from the exam: {', '.join(reused) or 'none'}; peak RSS {run['peak_rss_mb']:.0f} MB"
+    )
+    d = run["imagewise_deviation"]
+    print(
+        f"[{name}] largest deviation from the image-wise reference: heatmap 8x8 block means "
+        f"{d['heatmap_block8_max']:.2e}, predictions {d['predictions_max']:.2e}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-imagewise", action="store_true", help="only the exam's four models")
+    parser.add_argument("--imagewise-only", action="store_true", help="only the image-wise runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default=EXAM_MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.device, Path(args.weights), Path(args.out))
+        child(args.child, args.device, Path(args.weights), Path(args.out), args.models)
         return
     reference = json.loads((SHARED / "reference" / "reference.json").read_text())
+    iw_reference = json.loads((SHARED / "reference" / "imagewise" / "reference_imagewise.json").read_text())
     original = reference["timing_of_the_original_code"]
     original_total = sum(
         original[k]["wall_s"] for k in ("crop", "centers", "heatmaps", "image_aug_seed0", "imageheatmaps_aug_seed0")
@@ -146,30 +212,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mammonode-bench-") as tmp:
         tmp = Path(tmp)
         weights = weights_dir(tmp)
-        runs = {}
-        for mode in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
+        plan = [] if args.imagewise_only else [("fp32", "fp32", EXAM_MODELS)]
+        plan += [] if args.skip_bf16 or args.imagewise_only else [("bf16", "bf16", EXAM_MODELS)]
+        if not args.skip_imagewise:
+            plan += [
+                ("fp32 exam + image-wise", "fp32", f"{EXAM_MODELS},{IMAGEWISE_MODELS}"),
+                ("fp32 image-wise alone", "fp32", IMAGEWISE_MODELS),
+            ]
+        runs, imagewise_runs = {}, {}
+        for index, (name, mode, models) in enumerate(plan):
+            out = tmp / f"run{index}"
+            command = [sys.executable, __file__, "--child", mode, "--device", args.device, "--models", models]
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    mode,
-                    "--device",
-                    args.device,
-                    "--weights",
-                    str(weights),
-                    "--out",
-                    str(tmp / mode),
-                ],
-                capture_output=True,
-                text=True,
+                [*command, "--weights", str(weights), "--out", str(out)], capture_output=True, text=True
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            runs[mode] = json.loads(line[7:])
-            runs[mode]["deviation"] = deviations(runs[mode], tmp / mode, reference)
-        raw = raw_throughput(args.device)
+                sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+            run = json.loads(line[7:])
+            if "images" in run:
+                run["imagewise_deviation"] = imagewise_deviations(run, out, iw_reference)
+                imagewise_runs[name] = run
+            else:
+                run["deviation"] = deviations(run, out, reference)
+                runs[name] = run
+        raw = {} if args.imagewise_only else raw_throughput(args.device)
 
     print(f"density exam, all four models, 10 epochs, device {args.device}")
     print(
@@ -197,6 +264,11 @@ def main() -> None:
             f"[{mode}] largest deviation from the reference: heatmap 8x8 block means {d['heatmap_block8_max']:.2e}, "
             f"cancer predictions {d['cancer_max']:.2e}, density probabilities {d['density_max']:.2e}"
         )
+    for name, run in imagewise_runs.items():
+        exam_total = runs["fp32"]["timing_s"]["total"] if "fp32" in runs and "density" in run["timing_s"] else None
+        print_imagewise(name, run, exam_total)
+    if not raw:
+        return
     if "bf16" in runs:
         print(
             f"bf16 mode is {runs['fp32']['timing_s']['total'] / runs['bf16']['timing_s']['total']:.2f}x "

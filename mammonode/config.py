@@ -69,6 +69,12 @@ class DatabaseSection:
 class StudySection:
     quiet_period_s: float = 30.0
     incomplete_timeout_s: float = 900.0
+    # After the incomplete timeout: "wait" (the study stays incomplete) or "image_wise" (the
+    # image-wise models run on the views present and a partial result is delivered).
+    incomplete_policy: str = "wait"
+
+
+INCOMPLETE_POLICIES = ("wait", "image_wise")
 
 
 @dataclass
@@ -102,9 +108,16 @@ class DeliverySection:
     poll_interval_s: float = 2.0
 
 
+# What a destination may receive: the TID 1500 SR, the Mammography CAD SR, Parametric Maps,
+# heatmap Secondary Captures, the summary Secondary Capture.
+OUTPUTS = ("sr", "cad_sr", "parametric_maps", "heatmaps", "summary")
+SR_SOP_CLASSES = ("comprehensive3d", "comprehensive")
+
+
 @dataclass
 class Destination:
-    """A DIMSE peer (ae_title, host, port) or, when ``url`` is set, a STOW-RS service."""
+    """A DIMSE peer (ae_title, host, port) or, when ``url`` is set, a STOW-RS service, and
+    which results it receives."""
 
     name: str
     ae_title: str = ""
@@ -114,6 +127,9 @@ class Destination:
     calling_ae_title: str = ""
     url: str = ""  # e.g. https://pacs.example.org/dicom-web ; results go to <url>/studies
     token: str = ""  # bearer token for the STOW-RS destination
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    sr_sop_class: str = "comprehensive3d"  # or "comprehensive", for archives that refuse 3D SR
+    iocm: bool = False  # send an IHE IOCM rejection note for results a newer version replaces
 
     @property
     def kind(self) -> str:
@@ -127,6 +143,23 @@ class LoggingSection:
     file: str = ""
 
 
+SC_COMPRESSIONS = ("jpeg2000", "jpegls", "rle", "jpeg", "none")
+
+
+@dataclass
+class ResultsSection:
+    """How the result images are made (reporting/)."""
+
+    heatmap_threshold: float = 0.5  # overlay only where the heatmap probability is at least this
+    benign_heatmaps: bool = False  # also a benign-heatmap Secondary Capture per view
+    parametric_maps: bool = True  # the malignant heatmap of each view as a Parametric Map
+    sc_compression: str = "jpeg2000"  # transfer syntax of the Secondary Captures, see SC_COMPRESSIONS
+    # Send the Mammography CAD SR even from test or unverified weights (for validation set-ups
+    # only: a workstation shows CAD marks as CAD, with no room for a test notice). A delivery
+    # choice, not part of the result version.
+    cad_sr_with_test_weights: bool = False
+
+
 _SECTIONS = {
     "node": NodeSection,
     "dicomweb": DicomwebSection,
@@ -137,6 +170,7 @@ _SECTIONS = {
     "worker": WorkerSection,
     "delivery": DeliverySection,
     "logging": LoggingSection,
+    "results": ResultsSection,
 }
 
 
@@ -151,6 +185,7 @@ class Config:
     worker: WorkerSection = field(default_factory=WorkerSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
     destinations: list[Destination] = field(default_factory=list)
     source: str = "<defaults>"
 
@@ -224,6 +259,22 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
     return section
 
 
+def _from_toml(value: Any, target: Any, key: str) -> Any:
+    """``_coerce`` without the environment's string forms (destinations come from TOML only)."""
+    if isinstance(value, str) and not isinstance(target, str):
+        kind = "true or false" if isinstance(target, bool) else "a list of strings"
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+    return _coerce(value, target, key)
+
+
+def _outputs(value: Any, key: str) -> list[str]:
+    outputs = _from_toml(value, [], key)
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise ConfigError(f"{key}: a non-empty list of {', '.join(OUTPUTS)}, got {value!r}")
+    return outputs
+
+
 def _destination(raw: Any, index: int) -> Destination:
     where = f"destinations[{index}]"
     if not isinstance(raw, dict):
@@ -245,7 +296,12 @@ def _destination(raw: Any, index: int) -> Destination:
         calling_ae_title=_coerce(raw.get("calling_ae_title", ""), "", f"{where}.calling_ae_title"),
         url=_coerce(raw.get("url", ""), "", f"{where}.url"),
         token=_coerce(raw.get("token", ""), "", f"{where}.token"),
+        outputs=_outputs(raw.get("outputs", list(OUTPUTS)), f"{where}.outputs"),
+        sr_sop_class=_coerce(raw.get("sr_sop_class", "comprehensive3d"), "", f"{where}.sr_sop_class"),
+        iocm=_from_toml(raw.get("iocm", False), False, f"{where}.iocm"),
     )
+    if dest.sr_sop_class not in SR_SOP_CLASSES:
+        raise ConfigError(f"{where}.sr_sop_class: comprehensive3d or comprehensive, got {dest.sr_sop_class!r}")
     if dest.url and not re.match(r"^https?://", dest.url):
         raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {dest.url!r}")
     if not dest.url and not 1 <= dest.port <= 65535:
@@ -279,6 +335,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("study.quiet_period_s: must not be negative")
     if cfg.study.incomplete_timeout_s <= 0:
         raise ConfigError("study.incomplete_timeout_s: must be positive")
+    if cfg.study.incomplete_policy not in INCOMPLETE_POLICIES:
+        raise ConfigError(f"study.incomplete_policy: wait or image_wise, got {cfg.study.incomplete_policy!r}")
     if cfg.pipeline.device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", cfg.pipeline.device):
         raise ConfigError(f"pipeline.device: auto, cpu, cuda or cuda:N, got {cfg.pipeline.device!r}")
     if cfg.pipeline.epochs < 1:
@@ -291,6 +349,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.stale_after_s: must be longer than worker.heartbeat_interval_s")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"logging.level: DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
+    if not 0.0 <= cfg.results.heatmap_threshold <= 1.0:
+        raise ConfigError(f"results.heatmap_threshold: a probability 0-1, got {cfg.results.heatmap_threshold}")
+    if cfg.results.sc_compression not in SC_COMPRESSIONS:
+        raise ConfigError(f"results.sc_compression: {', '.join(SC_COMPRESSIONS)}, got {cfg.results.sc_compression!r}")
     names = [d.name for d in cfg.destinations]
     if len(names) != len(set(names)):
         raise ConfigError("destinations: names must be unique")

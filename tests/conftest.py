@@ -69,14 +69,25 @@ def _predict(tmp: Path, weights: Path, inputs: list[str], extra: list[str] = ())
     return data
 
 
+# Every model, the image-wise ones included: one run per input kind serves the exam-level and
+# the image-wise fidelity tests and the result objects (the image-wise heatmaps reuse the exam's
+# where their grids coincide, and the crops, centres and loaded patch model are shared).
+ALL_MODELS = "image_only,image_heatmaps,density_histogram,density_cnn,image_only_imagewise,image_heatmaps_imagewise"
+
+
 @pytest.fixture(scope="session")
 def dicom_run(tmp_path_factory, test_weights_dir) -> dict:
     tmp = tmp_path_factory.mktemp("predict-dicom")
     return _predict(
-        tmp, test_weights_dir, [str(p) for p in density_dicoms()], ["--results-out", str(tmp / "results")]
+        tmp,
+        test_weights_dir,
+        [str(p) for p in density_dicoms()],
+        ["--models", ALL_MODELS, "--results-out", str(tmp / "results")],
     ) | {"_results_dir": str(tmp / "results")}
 
 
 @pytest.fixture(scope="session")
 def png_run(tmp_path_factory, test_weights_dir) -> dict:
-    return _predict(tmp_path_factory.mktemp("predict-png"), test_weights_dir, density_png_args())
+    return _predict(
+        tmp_path_factory.mktemp("predict-png"), test_weights_dir, [*density_png_args(), "--models", ALL_MODELS]
+    )

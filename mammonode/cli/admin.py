@@ -40,6 +40,12 @@ def _print_scores(result: dict | None) -> None:
             f"P(benign) right {preds['right_benign']:.3f} left {preds['left_benign']:.3f}",
             highlight=False,
         )
+    for view, models in (result.get("images") or {}).items():
+        for model, preds in models.items():
+            console.print(
+                f"{view} {model}: P(malignant) {preds['malignant']:.3f}; P(benign) {preds['benign']:.3f}",
+                highlight=False,
+            )
     for model, dens in (result.get("density") or {}).items():
         probs = " ".join(f"{c}={p:.2f}" for c, p in zip("abcd", dens["probabilities"]))
         console.print(f"density ({model}): BI-RADS {dens['category']} [{probs}]", highlight=False)
@@ -215,6 +221,37 @@ def retry(
             "(--force re-runs a done or incomplete study and re-sends delivered objects)",
             highlight=False,
         )
+
+
+@app.command()
+def process(
+    uid: str,
+    config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
+) -> None:
+    """Run a waiting (receiving or incomplete) study now with the views it has: all four run
+    the full pipeline, fewer the image-wise models (a partial result). A running node's
+    worker picks the job up."""
+    cfg = config_or_exit(config)
+    from mammonode.db.assembly import process as process_action
+
+    with open_db(cfg).session() as session:
+        found = study_or_exit(session, uid)
+        try:
+            data = process_action(session, found)
+        except ValueError as exc:
+            err.print(str(exc), highlight=False)
+            raise typer.Exit(1) from None
+    if as_json:
+        print_json(data)
+    elif data["partial"]:
+        console.print(
+            f"queued {data['study_instance_uid']} for a partial result (image-wise models); "
+            f"missing views: {', '.join(data['missing_views'])}",
+            highlight=False,
+        )
+    else:
+        console.print(f"queued {data['study_instance_uid']} (all four views)", highlight=False)
 
 
 @app.command()

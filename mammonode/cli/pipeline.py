@@ -100,7 +100,9 @@ def progress_reporter(quiet: bool) -> Iterator[Progress]:
 
 @app.command()
 def predict(
-    files: list[Path] = typer.Argument(None, help="DICOM files of one exam (the four views)"),
+    files: list[Path] = typer.Argument(
+        None, help="DICOM files of one exam (the four views; any of them for image-wise models only)"
+    ),
     png: list[str] = typer.Option([], "--png", help="VIEW=PATH, a grey PNG as acquired (repeatable)"),
     png_mirrored: list[str] = typer.Option([], "--png-mirrored", help="VIEW whose PNG is stored mirrored"),
     weights_dir: Path | None = typer.Option(None, "--weights-dir"),
@@ -108,7 +110,11 @@ def predict(
     seed: int = typer.Option(0, "--seed"),
     epochs: int = typer.Option(10, "--epochs"),
     no_augmentation: bool = typer.Option(False, "--no-augmentation"),
-    models: str | None = typer.Option(None, "--models", help="comma-separated subset of the models"),
+    models: str | None = typer.Option(
+        None,
+        "--models",
+        help="comma-separated models (default: the exam's four; also image_only_imagewise, image_heatmaps_imagewise)",
+    ),
     heatmaps_out: Path | None = typer.Option(None, "--heatmaps-out"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
     heatmap_batch: int = typer.Option(8, "--heatmap-batch"),
@@ -120,7 +126,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display or per-stage lines on stderr"),
 ) -> None:
-    """Run the pipeline on one exam and print the result (the node's workers call the same code)."""
+    """Run the pipeline on one exam and print the result (the node's workers call the same code).
+    With only image-wise models, fewer than four views will do."""
     from mammonode.pipeline.images import ImageInputError
     from mammonode.pipeline.inputs import prepare_exam
     from mammonode.pipeline.run import DEFAULT_MODELS, PipelineOptions, run_pipeline
@@ -160,6 +167,9 @@ def predict(
             if v.heatmap_malignant is not None:
                 np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant.astype(np.float32))
                 np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign.astype(np.float32))
+            if v.imagewise is not None:  # the image-wise pipeline's own, in the same frame (facing right)
+                np.save(heatmaps_out / f"{view}_imagewise_malignant.npy", v.imagewise.malignant.astype(np.float32))
+                np.save(heatmaps_out / f"{view}_imagewise_benign.npy", v.imagewise.benign.astype(np.float32))
     data = result.as_dict()
     if results_out is not None:
         data["result_files"] = _write_results(result, prepared, files or [], results_out)
@@ -192,6 +202,9 @@ def _print_human(data: dict) -> None:
     console.print(f"study {data['study_instance_uid']}{notice}", highlight=False)
     for model, preds in data["cancer"].items():
         console.print(f"  {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in preds.items()), highlight=False)
+    for view, models in data.get("images", {}).items():
+        for model, preds in models.items():
+            console.print(f"  {view} {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in preds.items()), highlight=False)
     for model, d in data["density"].items():
         console.print(
             f"  density {model}: category {d['category']} " + str([round(p, 4) for p in d["probabilities"]]),
@@ -247,7 +260,7 @@ def weights_verify(
         print_json(rows)
     else:
         for r in rows:
-            console.print(f"{r['model']:18} {r['status']:10} {r['detail']}", highlight=False)
+            console.print(f"{r['model']:24} {r['status']:10} {r['detail']}", highlight=False)
     if any(r["status"] == "bad" for r in rows):
         raise typer.Exit(1)
 
@@ -269,4 +282,4 @@ def weights_install(
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     for r in rows:
-        console.print(f"{r['model']:18} {r['status']:10} {r['detail']}", highlight=False)
+        console.print(f"{r['model']:24} {r['status']:10} {r['detail']}", highlight=False)

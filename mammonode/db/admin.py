@@ -14,16 +14,22 @@ from mammonode.db import outbox
 from mammonode.db.assembly import enqueue, missing_views
 from mammonode.db.models import Study, StudyState, utcnow
 from mammonode.db.records import record_event
+from mammonode.exam.views import VIEWS
 
 
 def retry(session: Session, study: Study, force: bool = False) -> dict:
-    """Re-send failed deliveries; re-queue a failed study (or any study with ``force``)."""
+    """Re-send failed deliveries; re-queue a failed study (or any study with ``force``). A
+    study lacking views is re-queued only when it was run before (a partial result, run again
+    the same way); an incomplete one is refused (``process`` runs it with what it has)."""
     resent = outbox.reset_for_retry(session, study, include_delivered=force)
     requeued = False
     lacking = missing_views(study.instances)
     if study.state == StudyState.FAILED or (force and study.state in (StudyState.DONE, StudyState.INCOMPLETE)):
-        if lacking:
-            raise ValueError(f"study lacks views {', '.join(lacking)}; nothing to run")
+        if lacking and (study.state == StudyState.INCOMPLETE or len(lacking) == len(VIEWS)):
+            raise ValueError(
+                f"study lacks views {', '.join(lacking)}; nothing to run "
+                "(`mammonode process UID` runs the image-wise models on the views it has)"
+            )
         enqueue(session, study)
         requeued = True
     record_event(

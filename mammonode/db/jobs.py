@@ -135,7 +135,8 @@ def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
     return job
 
 
-def finish(session: Session, job_id: int, worker_id: str, timings: dict, result: dict) -> bool:
+def finish(session: Session, job_id: int, worker_id: str, timings: dict, result: dict, note: str | None = None) -> bool:
+    """``note``: the study's note for this result (a partial result says which views it lacks)."""
     job = _owned(session, job_id, worker_id)
     if job is None:
         return False
@@ -150,7 +151,7 @@ def finish(session: Session, job_id: int, worker_id: str, timings: dict, result:
     if study.selection_key == job.selection_key:
         study.state = StudyState.DONE
         if study.note != OTHER_PATIENT_NOTE:  # the flag of a mis-merged study outlives its jobs
-            study.note = None
+            study.note = note
     study.updated_at = now
     record_event(
         session, "INFO", "job-done", f"job {job.id} done", study.study_instance_uid, seconds=timings.get("total")

@@ -71,7 +71,8 @@ class DeliveryState:
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
-    ALL = (PENDING, SENDING, DELIVERED, FAILED)
+    SUPERSEDED = "superseded"  # not sent: a newer result version replaced the object first
+    ALL = (PENDING, SENDING, DELIVERED, FAILED, SUPERSEDED)
 
 
 class Study(Base):
@@ -89,6 +90,8 @@ class Study(Base):
     selection_key: Mapped[str | None] = mapped_column(String(64))
     processed_key: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=0)
+    # The result version (reporting.uids.version_key) of the newest registered results.
+    result_version: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -166,7 +169,8 @@ class ResultObject(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     selection_key: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(32))  # sr, sc-L-CC, ..., summary
+    version_key: Mapped[str | None] = mapped_column(String(64))  # result version; None before 0002
+    kind: Mapped[str] = mapped_column(String(32))  # sr, sr-comprehensive, sc-malignant-L-CC, ..., summary, kos
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
@@ -211,3 +215,16 @@ class Event(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class Installation(Base):
+    """This installation's identity as result equipment (SR Device Observer UID, Device
+    Serial Number): generated once, on first use, and kept, so a PACS can tell nodes apart
+    and one node's results stay attributable across restarts and upgrades."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_uid: Mapped[str] = mapped_column(String(64))
+    serial_number: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -5,6 +5,10 @@ Rows move pending -> sending (claimed) -> delivered, or back to pending with a l
 ``next_attempt_at``, or to failed after ``max_attempts`` (``mammonode retry`` makes them
 pending again). A row left ``sending`` by a sender that died goes back to pending after
 ``CLAIM_TIMEOUT_S``. What counts as delivered is the transport's call (see delivery/).
+
+Results are versioned (reporting.uids.version_key): registering a study's new version
+makes the rows of earlier versions that were not yet sent ``superseded`` (never sent), and
+a forced retry re-sends only the current version.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from mammonode.db.models import Delivery, DeliveryState, ResultObject, Study, utcnow
@@ -30,6 +34,18 @@ class NewResult:
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # relative to the storage directory
+    destinations: tuple[str, ...] | None = None  # None: every destination given to register_results
+
+
+@dataclass(frozen=True)
+class EarlierResult:
+    """A result object of an earlier version of a study, and where it went."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str  # relative to the storage directory
+    reached: frozenset[str]  # destinations that hold it (delivered once) or are being sent it
 
 
 @dataclass(frozen=True)
@@ -55,9 +71,13 @@ def register_results(
     selection_key: str,
     results: Iterable[NewResult],
     destinations: Iterable[str],
+    version_key: str | None = None,
 ) -> list[ResultObject]:
-    """Rows for result files already on disk, and a pending delivery per destination; a
-    result or delivery that exists already is left as it is (re-sending is idempotent)."""
+    """Rows for result files already on disk, and a pending delivery per destination (the
+    result's own list when it has one); a result or delivery that exists already is left as
+    it is (re-sending is idempotent). With ``version_key`` the results are the study's
+    current version: deliveries of other versions not yet sent are superseded, and this
+    version's superseded deliveries (a version registered again) are pending again."""
     destinations = list(destinations)
     rows = []
     for new in results:
@@ -73,15 +93,73 @@ def register_results(
                 sop_class_uid=new.sop_class_uid,
                 sop_instance_uid=new.sop_instance_uid,
                 path=new.path,
+                version_key=version_key,
             )
             session.add(row)
             session.flush()
         existing = {d.destination for d in row.deliveries}
-        for name in destinations:
+        for name in destinations if new.destinations is None else new.destinations:
             if name not in existing:
                 row.deliveries.append(Delivery(destination=name, state=DeliveryState.PENDING))
+        if version_key is not None:
+            for delivery in row.deliveries:
+                if delivery.state == DeliveryState.SUPERSEDED:
+                    delivery.state = DeliveryState.PENDING
+                    delivery.next_attempt_at = utcnow()
         rows.append(row)
+    if version_key is not None:
+        _supersede(session, study_id, version_key)
     return rows
+
+
+def _other_versions(study_id: int, version_key: str | None):
+    """Result rows of a study that are not of ``version_key`` (rows without a version are
+    older than versioning, so never current once a version exists)."""
+    other = or_(ResultObject.version_key != version_key, ResultObject.version_key.is_(None))
+    return (ResultObject.study_id == study_id, other)
+
+
+def _supersede(session: Session, study_id: int, version_key: str) -> None:
+    """Make ``version_key`` the study's current version; deliveries of other versions still
+    waiting to be sent (pending or failed) are superseded instead."""
+    study = session.get(Study, study_id)
+    study.result_version = version_key
+    unsent = Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED])
+    waiting = session.execute(
+        select(Delivery).join(ResultObject).where(*_other_versions(study_id, version_key), unsent)
+    ).scalars()
+    count = 0
+    for delivery in waiting:
+        delivery.state = DeliveryState.SUPERSEDED
+        delivery.claimed_by = None
+        count += 1
+    if count:
+        record_event(
+            session,
+            "INFO",
+            "results-superseded",
+            f"{count} deliveries of an earlier result version will not be sent",
+            study.study_instance_uid,
+        )
+
+
+def earlier_results(session: Session, study_id: int, version_key: str) -> list[EarlierResult]:
+    """The study's result objects of versions other than ``version_key``, newest first, and
+    the destinations each reached; rejection notes are left out (they are never rejected)."""
+    rows = session.execute(
+        select(ResultObject)
+        .where(*_other_versions(study_id, version_key), ResultObject.kind != "kos")
+        .order_by(ResultObject.id.desc())
+    ).scalars()
+    out = []
+    for row in rows:
+        reached = frozenset(
+            d.destination
+            for d in row.deliveries
+            if d.state in (DeliveryState.DELIVERED, DeliveryState.SENDING) or d.delivered_at is not None
+        )
+        out.append(EarlierResult(row.kind, row.sop_class_uid, row.sop_instance_uid, row.path, reached))
+    return out
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -162,11 +240,13 @@ def record_attempts(
 
 
 def reset_for_retry(session: Session, study: Study, include_delivered: bool) -> int:
-    """Failed (and, when asked, delivered) rows of a study back to pending now."""
+    """Failed (and, when asked, delivered) rows of the study's current result version back
+    to pending now; superseded versions are never sent again."""
     count = 0
-    for delivery in session.execute(
-        select(Delivery).join(ResultObject).where(ResultObject.study_id == study.id)
-    ).scalars():
+    query = select(Delivery).join(ResultObject).where(ResultObject.study_id == study.id)
+    if study.result_version is not None:
+        query = query.where(ResultObject.version_key == study.result_version)
+    for delivery in session.execute(query).scalars():
         if delivery.state == DeliveryState.FAILED or (include_delivered and delivery.state == DeliveryState.DELIVERED):
             delivery.state = DeliveryState.PENDING
             delivery.attempts = 0

@@ -116,7 +116,8 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
     )
     if latest is not None and latest.result:
         out["result"] = {
-            k: latest.result.get(k) for k in ("cancer", "density", "models", "skipped", "test_weights", "device")
+            k: latest.result.get(k)
+            for k in ("cancer", "density", "images", "models", "skipped", "test_weights", "device")
         }
     results = []
     for r in session.execute(
@@ -140,7 +141,12 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
                 "sop_class_uid": r.sop_class_uid,
                 "sop_instance_uid": r.sop_instance_uid,
                 "path": r.path,
-                "current": r.selection_key == study.selection_key,
+                "current": (
+                    r.version_key == study.result_version
+                    if study.result_version
+                    else r.selection_key == study.selection_key
+                ),
+                "version_key": r.version_key,
                 "deliveries": deliveries,
             }
         )

@@ -149,9 +149,10 @@ def compute_heatmaps(
     run: PatchRunner,
     batch_size: int = 64,
     progress: Progress | None = None,
+    stage: str = "heatmaps",
 ) -> tuple[list[Heatmaps], HeatmapStats]:
-    """Heatmaps for each cropped view (facing right) on its grid; ``progress`` hears of every
-    classified batch."""
+    """Heatmaps for each cropped image on its grid, in the image's own frame (the exam's
+    crops face right); ``progress`` hears of every classified batch, as ``stage``."""
     import time
 
     standardised, corner_lists, todo = [], [], []
@@ -177,7 +178,7 @@ def compute_heatmaps(
     queue_view = np.concatenate([np.full(len(chosen), index) for index, chosen in jobs])
     queue_patch = np.concatenate([chosen for _, chosen in jobs])
     if progress is not None:
-        progress.stage("heatmaps", total=len(queue_view), unit="patches")
+        progress.stage(stage, total=len(queue_view), unit="patches")
     start = time.perf_counter()
     for begin in range(0, len(queue_view), batch_size):
         views = queue_view[begin : begin + batch_size]

@@ -60,6 +60,15 @@ def _split_breast(channels: int) -> Callable[[], nn.Module]:
     return build
 
 
+def _image_breast(channels: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from mammonode.pipeline.models.imagewise import ImageBreastModel
+
+        return ImageBreastModel(input_channels=channels)
+
+    return build
+
+
 def _density_cnn() -> nn.Module:
     from mammonode.pipeline.models.density_nets import DensityCNN
 
@@ -129,6 +138,22 @@ _SPECS = (
         original_names=("sample_imageheatmaps_model.p",),
     ),
     ModelSpec(
+        "image_only_imagewise",
+        "NYU image-wise image-only model (ResNet-22, one view)",
+        "image-only, per image",
+        _image_breast(1),
+        nested_key="model",
+        original_names=("ImageOnly__ModeImage_weights.p",),
+    ),
+    ModelSpec(
+        "image_heatmaps_imagewise",
+        "NYU image-wise image+heatmaps model (ResNet-22, one view)",
+        "image+heatmaps, per image",
+        _image_breast(3),
+        nested_key="model",
+        original_names=("ImageHeatmaps__ModeImage_weights.p",),
+    ),
+    ModelSpec(
         "density_histogram",
         "NYU density histogram model",
         "histogram",
@@ -144,10 +169,18 @@ _SPECS = (
     ),
 )
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
-# Models a user selects (the patch model runs whenever image_heatmaps needs its heatmaps).
-SELECTABLE: tuple[str, ...] = tuple(name for name in MODELS if name != "patch")
+# The exam-level cancer models (four views in, one prediction per breast) and the density models.
 CANCER_MODELS: tuple[str, ...] = ("image_only", "image_heatmaps")
 DENSITY_MODELS: tuple[str, ...] = ("density_histogram", "density_cnn")
+# The image-wise cancer models (one prediction per image). Opt-in: the image+heatmaps one needs
+# heatmaps on grids of its own, as costly again as the exam's.
+IMAGEWISE_MODELS: tuple[str, ...] = ("image_only_imagewise", "image_heatmaps_imagewise")
+# Models that need the patch model's heatmaps (it runs whenever one of them is selected).
+HEATMAP_MODELS: tuple[str, ...] = ("image_heatmaps", "image_heatmaps_imagewise")
+# The default selection: what runs when no model is named (worker, predict, demo --full).
+SELECTABLE: tuple[str, ...] = CANCER_MODELS + DENSITY_MODELS
+# Every name a selection may hold.
+KNOWN_SELECTIONS: tuple[str, ...] = SELECTABLE + IMAGEWISE_MODELS
 
 
 def spec(name: str) -> ModelSpec:
@@ -155,10 +188,15 @@ def spec(name: str) -> ModelSpec:
 
 
 def check_selection(names: Iterable[str]) -> tuple[str, ...]:
-    """The selection as a tuple (every selectable model when empty); ValueError names an
+    """The selection as a tuple (the default selection when empty); ValueError names an
     unknown model."""
     chosen = tuple(names) or SELECTABLE
     for name in chosen:
-        if name not in SELECTABLE:
-            raise ValueError(f"unknown model {name!r} (known: {', '.join(SELECTABLE)})")
+        if name not in KNOWN_SELECTIONS:
+            raise ValueError(f"unknown model {name!r} (known: {', '.join(KNOWN_SELECTIONS)})")
     return chosen
+
+
+def needs_four_views(names: Iterable[str]) -> bool:
+    """Whether the selection holds an exam-level model (the image-wise ones take any views)."""
+    return any(name not in IMAGEWISE_MODELS for name in check_selection(names))

@@ -2,13 +2,15 @@
 
 A pure function of (images, weights, parameters): no database, no network. The node's
 worker and ``mammonode predict`` both call :func:`run_pipeline`. Each image is decoded,
-oriented and cropped once, and every stage works from those crops.
+oriented and cropped once, and every stage works from those crops. The image-wise models
+(opt-in) run after the exam's stages, on the same crops and centres, and take any subset
+of the views when no exam-level model is selected.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,30 @@ import numpy as np
 from mammonode import __version__
 from mammonode.exam.orientation import Frame, Orientation
 from mammonode.exam.views import VIEWS, angle
-from mammonode.pipeline import classify, density
+from mammonode.pipeline import classify, density, imagewise
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import CropInfo, crop_breast
-from mammonode.pipeline.heatmaps import HeatmapStats, compute_heatmaps, make_grids, patch_runner
+from mammonode.pipeline.heatmaps import (
+    Heatmaps,
+    HeatmapStats,
+    PatchGrid,
+    PatchRunner,
+    compute_heatmaps,
+    make_grids,
+    patch_runner,
+)
 from mammonode.pipeline.images import ImageInputError, PreparedView
+from mammonode.pipeline.imagewise import ImagewiseHeatmaps
 from mammonode.pipeline.progress import Progress, Silent
-from mammonode.pipeline.registry import CANCER_MODELS, DENSITY_MODELS, SELECTABLE, check_selection
+from mammonode.pipeline.registry import (
+    CANCER_MODELS,
+    DENSITY_MODELS,
+    HEATMAP_MODELS,
+    IMAGEWISE_MODELS,
+    SELECTABLE,
+    check_selection,
+    needs_four_views,
+)
 from mammonode.pipeline.runtime import resolve_device
 from mammonode.pipeline.weights import ModelProvenance, WeightsError, load_model, model_file, provenance
 
@@ -69,6 +88,7 @@ class ViewResult:
     sop_class_uid: str | None = None
     orientation_source: str = ""
     stride_lists: dict[str, list[int]] | None = None
+    imagewise: ImagewiseHeatmaps | None = None  # the image-wise pipeline's own heatmaps
 
     def as_dict(self) -> dict:
         out = {
@@ -88,6 +108,16 @@ class ViewResult:
             }
         if self.sop_instance_uid:
             out["sop_instance_uid"] = self.sop_instance_uid
+        if self.imagewise is not None:
+            out["imagewise"] = {
+                "stride_lists": self.imagewise.stride_lists,
+                "heatmaps": {
+                    "shape": list(self.imagewise.malignant.shape),
+                    "malignant": _stats(self.imagewise.malignant),
+                    "benign": _stats(self.imagewise.benign),
+                },
+                "reused_exam_heatmaps": self.imagewise.reused,
+            }
         return out
 
     def heatmap_in_frame(self, kind: str, shape: tuple[int, int], frame: Frame) -> np.ndarray:
@@ -117,6 +147,9 @@ class PipelineResult:
     device: str = "cpu"
     software_version: str = __version__
     heatmap_stats: HeatmapStats | None = None
+    # Image-wise models: view -> model -> {"benign": p, "malignant": p}, for that image's breast.
+    images: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    imagewise_heatmap_stats: HeatmapStats | None = None
 
     @property
     def test_weights(self) -> bool:
@@ -145,6 +178,11 @@ class PipelineResult:
             out["notice"] = "TEST WEIGHTS - NOT FOR CLINICAL USE"
         if self.heatmap_stats is not None:
             out["heatmap_patches"] = {"total": self.heatmap_stats.patches, "classified": self.heatmap_stats.classified}
+        if self.images:
+            out["images"] = {view: self.images[view] for view in VIEWS if view in self.images}
+        if self.imagewise_heatmap_stats is not None:
+            stats = self.imagewise_heatmap_stats
+            out["imagewise_heatmap_patches"] = {"total": stats.patches, "classified": stats.classified}
         return out
 
 
@@ -156,7 +194,7 @@ def plan_models(options: PipelineOptions) -> tuple[list[str], dict[str, str]]:
         if not model_file(options.weights_dir, name).exists():
             skipped[name] = f"weights not installed ({model_file(options.weights_dir, name).name})"
             continue
-        if name == "image_heatmaps" and not model_file(options.weights_dir, "patch").exists():
+        if name in HEATMAP_MODELS and not model_file(options.weights_dir, "patch").exists():
             skipped[name] = "patch model weights not installed (patch_model.p), so no heatmaps"
             continue
         run.append(name)
@@ -175,7 +213,7 @@ def _timed(timing: dict[str, float], stage: str, progress: Progress) -> Iterator
 def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndarray], dict[str, ViewResult]]:
     """Each view's breast crop (facing right, the models' frame) and its ViewResult."""
     crops, views = {}, {}
-    for view in VIEWS:
+    for view in (v for v in VIEWS if v in prepared):
         p = prepared[view]
         try:
             info = crop_breast(p.image, facing_right=p.orientation.faces_right(Frame.ACQUIRED))
@@ -196,13 +234,25 @@ def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndar
     return crops, views
 
 
+def _patch_model(options: PipelineOptions, device, result: PipelineResult) -> Callable[[], PatchRunner]:
+    """The patch model's runner, loaded when first asked for and shared by both heatmap stages."""
+    loaded: list[PatchRunner] = []
+
+    def get() -> PatchRunner:
+        if not loaded:
+            patch_model = load_model("patch", options.weights_dir).to(device)
+            result.models["patch"] = provenance(options.weights_dir, "patch")
+            loaded.append(patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision))
+        return loaded[0]
+
+    return get
+
+
 def _heatmaps(
-    crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress: Progress
-) -> None:
-    patch_model = load_model("patch", options.weights_dir).to(device)
-    result.models["patch"] = provenance(options.weights_dir, "patch")
+    crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, runner: PatchRunner, progress
+) -> dict[str, tuple[PatchGrid, Heatmaps]]:
+    """The exam's heatmaps (one random stream for the four views), kept with their grids."""
     grids = make_grids([crops[v].shape for v in VIEWS], seed=options.seed)
-    runner = patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision)
     maps, result.heatmap_stats = compute_heatmaps(
         [crops[v] for v in VIEWS], grids, runner, options.heatmap_batch, progress
     )
@@ -210,6 +260,49 @@ def _heatmaps(
         result.views[view].heatmap_benign = m.benign
         result.views[view].heatmap_malignant = m.malignant
         result.views[view].stride_lists = {"width": grid.width_strides, "length": grid.length_strides}
+    return {view: (grid, m) for view, m, grid in zip(VIEWS, maps, grids)}
+
+
+def _imagewise_heatmaps(
+    crops: dict[str, np.ndarray],
+    result: PipelineResult,
+    options: PipelineOptions,
+    runner: PatchRunner,
+    progress: Progress,
+    exam: Mapping[str, tuple[PatchGrid, Heatmaps]] | None,
+) -> None:
+    orientations = {v: result.views[v].orientation for v in crops}
+    maps, result.imagewise_heatmap_stats = imagewise.compute(
+        crops, orientations, runner, options.seed, options.heatmap_batch, progress, exam
+    )
+    for view, m in maps.items():
+        result.views[view].imagewise = m
+
+
+def _imagewise(
+    name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress
+) -> None:
+    """One image-wise model on every view given, each image on its own."""
+    model = load_model(name, options.weights_dir).to(device)
+    result.models[name] = provenance(options.weights_dir, name)
+    views = [v for v in VIEWS if v in crops]
+    progress.stage(name, total=(options.epochs if options.augmentation else 1) * len(views), unit="passes")
+    for view in views:
+        heatmaps = result.views[view].imagewise.stacked if name == "image_heatmaps_imagewise" else None
+        result.images.setdefault(view, {})[name] = imagewise.predict(
+            model.single(view),
+            view,
+            crops[view],
+            heatmaps,
+            result.views[view].best_center,
+            epochs=options.epochs,
+            seed=options.seed,
+            augmentation=options.augmentation,
+            batch_size=options.classifier_batch,
+            device=device,
+            precision=options.precision,
+            progress=progress,
+        )
 
 
 def _cancer(
@@ -254,11 +347,14 @@ def run_pipeline(
     timing: dict[str, float] | None = None,
     progress: Progress | None = None,
 ) -> PipelineResult:
-    """The exam's results. ``progress`` hears of each stage (and of patches and epochs)."""
+    """The exam's results. ``progress`` hears of each stage (and of patches and epochs).
+    With only image-wise models selected, any non-empty subset of the four views will do."""
     progress = progress or Silent()
     missing = [v for v in VIEWS if v not in prepared]
-    if missing:
+    if missing and needs_four_views(options.models):
         raise ImageInputError(f"the exam lacks views: {', '.join(missing)}")
+    if not any(v in prepared for v in VIEWS):
+        raise ImageInputError("no view to run the image-wise models on")
     device = resolve_device(options.device)
     timing = dict(timing or {})
     total_start = time.perf_counter()
@@ -274,11 +370,13 @@ def run_pipeline(
     with _timed(timing, "crop", progress):
         crops, result.views = _crop_views(prepared)
     with _timed(timing, "centers", progress):
-        for view in VIEWS:
+        for view in result.views:
             result.views[view].best_center = best_center(crops[view], angle(view), result.views[view].crop)
+    patch = _patch_model(options, device, result)
+    exam_heatmaps = None
     if "image_heatmaps" in models_to_run:
         with _timed(timing, "heatmaps", progress):
-            _heatmaps(crops, result, options, device, progress)
+            exam_heatmaps = _heatmaps(crops, result, options, patch(), progress)
     for name in CANCER_MODELS:
         if name in models_to_run:
             with _timed(timing, name, progress):
@@ -287,6 +385,13 @@ def run_pipeline(
     if density_models:
         with _timed(timing, "density", progress):
             _density(density_models, prepared, result, options, device)
+    if "image_heatmaps_imagewise" in models_to_run:
+        with _timed(timing, imagewise.STAGE, progress):
+            _imagewise_heatmaps(crops, result, options, patch(), progress, exam_heatmaps)
+    for name in IMAGEWISE_MODELS:
+        if name in models_to_run:
+            with _timed(timing, name, progress):
+                _imagewise(name, crops, result, options, device, progress)
     timing["total"] = timing.get("prepare", 0.0) + time.perf_counter() - total_start
     result.timing_s = timing
     return result

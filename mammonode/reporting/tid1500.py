@@ -1,192 +1,260 @@
 """The Structured Report: a TID 1500 Measurement Report (highdicom Comprehensive 3D SR).
 
-Tree:
+Tree (DICOM PS3.16 TID 1500; values in percent, as DICOM's CAD templates give 111047):
   Imaging Measurement Report
-    [Comment] TEST WEIGHTS — NOT FOR CLINICAL USE      (only with test/unverified weights)
-    language, observer (device: mammonode), procedure reported
-    Image Library: the four source mammograms and the secondary captures produced
+    language; observer = this installation (Device Observer UID, serial number); procedure
+    Image Library: the source mammograms only, each with Image Laterality and Image View
     Imaging Measurements:
-      one group per breast and cancer model   finding site Breast + laterality,
-                                              P(cancer) (DCM 111047), P(benign finding),
-                                              algorithm identification of that model
-      one group per breast "malignancy score" the derived score (mean over cancer models)
-      one group per density model             finding site both breasts, the four class
-                                              probabilities; the group of the model that
-                                              gives the category also holds the coded
-                                              Breast composition (SCT 129715009)
-Algorithm parameters (TID 4019) carry the weights' sha256, the test-weights flag, seed,
-epochs, augmentation, device and processing time.
+      per cancer model and breast   finding site Breast + laterality, its algorithm (TID 4019,
+                                    once per group), P(cancer) 111047, P(benign) (local code)
+      per breast, the ensemble      111047 with Derivation = Mean, its own algorithm
+      per density model             finding site Breast + Bilateral, the four class
+                                    probabilities (local codes); the model that gives the
+                                    study's category also holds Breast composition (CID 6000)
+      per image and image-wise model  finding site Breast + the image's laterality, Image View
+                                    (CID 4014) as qualitative evaluation, P(cancer) 111047,
+                                    P(benign), the image as source
+    Qualitative Evaluations: comments - for a partial result (views missing) which views and
+                             that the view-wise models did not run; the test/unverified notice,
+                             that the scores are model outputs, which selected models did not run
+Tracking UIDs derive from the SR's own (stable) SOP Instance UID, so a rebuild is identical.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
-from mammonode import __version__
-from mammonode.pipeline.registry import CANCER_MODELS, spec
+from mammonode.exam.assignment import assign_view
+from mammonode.exam.views import VIEWS, angle, laterality
+from mammonode.pipeline.registry import IMAGEWISE_MODELS, spec
 from mammonode.pipeline.run import PipelineResult
-from mammonode.reporting.content import density_call, malignancy_score
-from mammonode.reporting.render import TEST_NOTICE
-from mammonode.reporting.secondary_capture import MANUFACTURER, SERIES_NUMBERS
+from mammonode.reporting import codes
+from mammonode.reporting.content import (
+    UNCALIBRATED,
+    Algorithm,
+    algorithm,
+    all_algorithms,
+    density_call,
+    ensemble_algorithm,
+    ensemble_members,
+    malignancy_score,
+    partial_lines,
+    percent,
+    skipped_lines,
+    weights_notice,
+)
+from mammonode.reporting.header import (
+    MANUFACTURER,
+    MODEL_NAME,
+    PREDICT_EQUIPMENT,
+    Equipment,
+    contributing_equipment,
+    performed_procedure_codes,
+    referenced_requests,
+    set_equipment,
+)
+from mammonode.reporting.uids import stable_uid
 
-LOCAL = "99MAMMONODE"  # local coding scheme for concepts no standard code covers
-PROBABILITY = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
-P_CANCER = codes.DCM.ProbabilityOfCancer  # (111047, DCM, "Probability of cancer")
-P_BENIGN = hd.sr.CodedConcept("MN-001", LOCAL, "Probability of benign finding")
-MALIGNANCY_SCORE = hd.sr.CodedConcept("MN-002", LOCAL, "Malignancy score")
-P_CATEGORY = {
-    c: hd.sr.CodedConcept(f"MN-01{i}", LOCAL, f"Probability of breast composition {c}") for i, c in enumerate("abcd")
-}
-BREAST_COMPOSITION = codes.SCT.BreastComposition  # (129715009, SCT, "Breast composition")
-# BI-RADS composition categories, CID 6000 "Overall Breast Composition" (DICOM PS3.16):
-# a 129716005 almost entirely fat, b 129717001 scattered fibroglandular densities,
-# c 129718006 heterogeneously dense, d 129719003 extremely dense.
-COMPOSITION = {
-    "a": codes.cid6000.AlmostEntirelyFat,
-    "b": codes.cid6000.ScatteredFibroglandularDensities,
-    "c": codes.cid6000.HeterogeneouslyDense,
-    "d": codes.cid6000.ExtremelyDense,
-}
-LATERALITY = {"left": codes.SCT.Left, "right": codes.SCT.Right}  # SCT 7771000 / 24028007
-BOTH_BREASTS = codes.cid6022.BothBreasts
-BREAST = codes.SCT.Breast  # SCT 76752008
-DEVICE_UID = "2.25.144081342137547315542930768358315093441"  # this software as an SR observer device
-
-
-def _algorithm(result: PipelineResult, model: str) -> hd.sr.AlgorithmIdentification:
-    prov = result.models[model]
-    params = result.parameters
-    parameters = [
-        f"weights_sha256={prov.sha256}",
-        f"weights_verified={'true' if prov.verified else 'false'}",
-        f"test_weights={'true' if prov.test_weights else 'false'}",
-        f"seed={params.get('seed')}",
-        f"epochs={params.get('epochs')}",
-        f"augmentation={'true' if params.get('augmentation') else 'false'}",
-        f"precision={params.get('precision')}",
-        f"device={result.device}",
-        f"processing_time_s={result.timing_s.get('total', 0.0):.1f}",
-    ]
-    return hd.sr.AlgorithmIdentification(
-        name=f"mammonode {spec(model).title}"[:64], version=__version__, parameters=parameters
-    )
+SERIES_NUMBER = 9100
+SERIES_DESCRIPTION = "AI results (mammonode)"
+SIDES = (("right", "R"), ("left", "L"))
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+_ACQ = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
 
 
-def _source_images(sources: list[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
+def _algorithm_id(algo: Algorithm) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=algo.name, version=algo.version, parameters=list(algo.parameters) or None)
 
 
-def _measurement(name, value: float, algorithm) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=PROBABILITY, algorithm_id=algorithm)
+def _tracking(sop_uid: str, label: str, text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=stable_uid(sop_uid, "tracking", label), identifier=text)
 
 
-def build_sr(
-    result: PipelineResult, sources: list[Dataset], produced: list[Dataset], series_uid: str, sop_uid: str
-) -> Dataset:
-    """``sources``: the four mammograms (headers); ``produced``: the secondary captures."""
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_UID,
-            name="mammonode",
-            manufacturer_name=MANUFACTURER,
-            model_name="mammonode",
-        ),
-    )
+def _percent(name: Code, probability: float, derivation: Code | None = None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=percent(probability), unit=codes.PERCENT, derivation=derivation)
+
+
+def _site(side: str) -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(anatomic_location=codes.BREAST, laterality=codes.LATERALITY[side])]
+
+
+def _sources(datasets: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in datasets]
+
+
+def _groups(result: PipelineResult, sources: Sequence[Dataset], sop_uid: str) -> list:
+    by_side = {s: [ds for ds in sources if str(ds.get("ImageLaterality", "")) == s] for _, s in SIDES}
     groups = []
-    by_side = {
-        "left": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "L"],
-        "right": [ds for ds in sources if str(ds.get("ImageLaterality", "")) == "R"],
-    }
-    for model in CANCER_MODELS:
-        if model not in result.cancer:
-            continue
-        preds = result.cancer[model]
-        algorithm = _algorithm(result, model)
-        for side in ("right", "left"):
+    for model in ensemble_members(result):
+        preds, algo = result.cancer[model], _algorithm_id(algorithm(result, model))
+        for side, letter in SIDES:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=hd.UID(), identifier=f"{side} breast, {spec(model).short_title} model"
+                    tracking_identifier=_tracking(
+                        sop_uid, f"{model}-{side}", f"{side} breast, {spec(model).short_title} model"
                     ),
-                    algorithm_id=algorithm,
-                    finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
+                    algorithm_id=algo,
+                    finding_sites=_site(letter),
                     measurements=[
-                        _measurement(P_CANCER, preds[f"{side}_malignant"], algorithm),
-                        _measurement(P_BENIGN, preds[f"{side}_benign"], algorithm),
+                        _percent(codes.PROBABILITY_OF_CANCER, preds[f"{side}_malignant"]),
+                        _percent(codes.P_BENIGN, preds[f"{side}_benign"]),
                     ],
-                    source_images=_source_images(by_side[side]) or None,
+                    source_images=_sources(by_side[letter]) or None,
                 )
             )
-    if result.cancer:
-        for side in ("right", "left"):
+    ensemble = ensemble_algorithm(result)
+    if ensemble is not None:
+        algo = _algorithm_id(ensemble)
+        for side, letter in SIDES:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=hd.UID(), identifier=f"{side} breast, malignancy score"
-                    ),
-                    finding_sites=[hd.sr.FindingSite(anatomic_location=BREAST, laterality=LATERALITY[side])],
-                    measurements=[
-                        hd.sr.Measurement(
-                            name=MALIGNANCY_SCORE,
-                            value=float(malignancy_score(result, side)),
-                            unit=PROBABILITY,
-                            derivation=codes.SCT.Mean,  # CID 7464 derivation
-                        )
-                    ],
+                    tracking_identifier=_tracking(sop_uid, f"ensemble-{side}", f"{side} breast, ensemble"),
+                    algorithm_id=algo,
+                    finding_sites=_site(letter),
+                    measurements=[_percent(codes.PROBABILITY_OF_CANCER, malignancy_score(result, side), codes.MEAN)],
+                    source_images=_sources(by_side[letter]) or None,
                 )
             )
+    groups += _image_groups(result, sources, sop_uid)
     call = density_call(result)
     for name, data in result.density.items():
         model = f"density_{name}"
-        algorithm = _algorithm(result, model)
-        qualitative = []
-        if call is not None and call.model == model:
-            qualitative = [hd.sr.QualitativeEvaluation(name=BREAST_COMPOSITION, value=COMPOSITION[call.category])]
+        chosen = call is not None and call.model == model
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"breast density, {name} model"),
-                algorithm_id=algorithm,
-                finding_sites=[hd.sr.FindingSite(anatomic_location=BOTH_BREASTS)],
-                measurements=[_measurement(P_CATEGORY[c], p, algorithm) for c, p in zip("abcd", data["probabilities"])],
-                qualitative_evaluations=qualitative or None,
-                source_images=_source_images(sources),
+                tracking_identifier=_tracking(sop_uid, model, f"breast density, {spec(model).short_title} model"),
+                algorithm_id=_algorithm_id(algorithm(result, model)),
+                finding_type=codes.BREAST_COMPOSITION,
+                finding_sites=_site("B"),
+                measurements=[_percent(codes.P_COMPOSITION[c], p) for c, p in zip("abcd", data["probabilities"])],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(codes.BREAST_COMPOSITION, codes.COMPOSITION[data["category"]])
+                ]
+                if chosen
+                else None,
+                source_images=_sources(sources),
             )
         )
+    return groups
+
+
+def _image_groups(result: PipelineResult, sources: Sequence[Dataset], sop_uid: str) -> list:
+    """One group per image and image-wise model: finding site Breast + the image's laterality,
+    Image View (CID 4014) as a qualitative evaluation, P(cancer) = its malignant output, P(benign),
+    and the image as the source of the measurements."""
+    by_view = {assign_view(ds).view: ds for ds in sources}
+    groups = []
+    for model in (m for m in IMAGEWISE_MODELS if m in result.models):
+        algo = _algorithm_id(algorithm(result, model))
+        for view in (v for v in VIEWS if model in result.images.get(v, {})):
+            preds = result.images[view][model]
+            source = by_view.get(view)
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(
+                        sop_uid, f"{model}-{view}", f"{view} image, {spec(model).short_title}"
+                    ),
+                    algorithm_id=algo,
+                    finding_sites=_site(laterality(view)),
+                    measurements=[
+                        _percent(codes.PROBABILITY_OF_CANCER, preds["malignant"]),
+                        _percent(codes.P_BENIGN, preds["benign"]),
+                    ],
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.IMAGE_VIEW, codes.VIEW[angle(view)])],
+                    source_images=_sources([source]) if source is not None else None,
+                )
+            )
+    return groups
+
+
+def _describe_library(report: hd.sr.MeasurementReport, sources: Sequence[Dataset]) -> None:
+    """Add Image Laterality (CID 244) and Image View (CID 4014) after each entry's Modality;
+    highdicom's TID 1602 entry has neither."""
+    views = {str(ds.SOPInstanceUID): assign_view(ds).view for ds in sources}
+    for library in report[0].ContentSequence:
+        if library.ConceptNameCodeSequence[0].CodeValue != codes.IMAGE_LIBRARY.value:
+            continue
+        for group in library.ContentSequence:
+            for image in group.ContentSequence:
+                if image.ValueType != "IMAGE":
+                    continue
+                view = views[str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+                side, angle = view.split("-", 1)
+                image.ContentSequence.insert(
+                    1, hd.sr.CodeContentItem(codes.IMAGE_LATERALITY, codes.LATERALITY[side], relationship_type=_ACQ)
+                )
+                image.ContentSequence.insert(
+                    2, hd.sr.CodeContentItem(codes.IMAGE_VIEW, codes.VIEW[angle], relationship_type=_ACQ)
+                )
+
+
+def _comments(result: PipelineResult) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the notices belong in Qualitative Evaluations, not at the root."""
+    texts = partial_lines(result) + [t for t in (weights_notice(result), UNCALIBRATED) if t] + skipped_lines(result)
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
+    container.ContentSequence = [
+        hd.sr.TextContentItem(name=codes.COMMENT, value=text, relationship_type=_CONTAINS) for text in texts
+    ]
+    return container
+
+
+def build_sr(
+    result: PipelineResult,
+    sources: Sequence[Dataset],
+    produced: Sequence[Dataset],
+    series_uid: str,
+    sop_uid: str,
+    *,
+    equipment: Equipment = PREDICT_EQUIPMENT,
+) -> Dataset:
+    """``sources``: the mammograms (headers; fewer than four for a partial result);
+    ``produced``: the result images built with this SR (listed as evidence only, never in the
+    Image Library: they are not sources); ``equipment``: this installation (Device Observer UID and serial number)."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=equipment.device_uid,
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{MODEL_NAME} {result.software_version}",
+            serial_number=equipment.serial_number,
+            physical_location=equipment.physical_location,
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.cid100.ImagingProcedure,
-        imaging_measurements=groups,
-        referenced_images=list(sources) + list(produced),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=_groups(result, sources, sop_uid),
+        referenced_images=list(sources),
     )
-    if result.test_weights or result.unverified_weights:
-        notice = hd.sr.TextContentItem(
-            name=codes.DCM.Comment,
-            value=TEST_NOTICE if result.test_weights else "UNVERIFIED WEIGHTS \u2014 NOT FOR CLINICAL USE",
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        root = report[0]
-        root.ContentSequence.insert(0, notice)
+    _describe_library(report, sources)
+    report[0].ContentSequence.append(_comments(result))
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources) + list(produced),
         content=report[0],
         series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["sr"],
+        series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
+        institution_name=equipment.institution_name,
         is_complete=True,
         is_final=False,
         is_verified=False,
+        requested_procedures=referenced_requests(sources),
+        specific_character_set="ISO_IR 192",  # UTF-8: the notice has an em dash
     )
-    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the notice text has an em dash
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = LOCAL
-    scheme.CodingSchemeName = "mammonode local concepts"
-    scheme.CodingSchemeResponsibleOrganization = "mammonode project"
-    sr.CodingSchemeIdentificationSequence = [scheme]
-    sr.SoftwareVersions = __version__
-    sr.SeriesDescription = "AI results (mammonode)"
+    set_equipment(sr, result.software_version, equipment)
+    sr.PerformedProcedureCodeSequence = performed_procedure_codes(sources)
+    extra = contributing_equipment(all_algorithms(result, imagewise=True), equipment)
+    sr.ContributingEquipmentSequence = list(sr.get("ContributingEquipmentSequence", [])) + extra
+    sr.CodingSchemeIdentificationSequence = [codes.local_scheme()]
+    notice = weights_notice(result)
+    sr.SeriesDescription = SERIES_DESCRIPTION + (
+        " - TEST WEIGHTS" if result.test_weights else (" - UNVERIFIED WEIGHTS" if notice else "")
+    )
     return sr

@@ -1,5 +1,6 @@
 """The assembler loop: turns complete, quiet studies into jobs and marks studies that stay
-incomplete (the rules themselves are in db.assembly)."""
+incomplete, or queues them for a partial result (``study.incomplete_policy``; the rules
+themselves are in db.assembly)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,16 @@ class Assembler(Loop):
 
     def run_once(self) -> bool:
         with self.db.session() as session:
-            result = assembly.tick(session, self.study.quiet_period_s, self.study.incomplete_timeout_s)
+            result = assembly.tick(
+                session,
+                self.study.quiet_period_s,
+                self.study.incomplete_timeout_s,
+                incomplete_policy=self.study.incomplete_policy,
+            )
         for uid in result.queued:
             log.info("study %s: complete and quiet, job queued", uid)
         for uid in result.incomplete:
             log.warning("study %s: incomplete after timeout", uid)
+        for uid in result.partial:
+            log.warning("study %s: incomplete after timeout; job queued for a partial result (image-wise)", uid)
         return False

@@ -14,11 +14,14 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
+from dataclasses import replace
 
 from pydicom.dataset import Dataset
 
 from mammonode.config import Config
 from mammonode.db import jobs
+from mammonode.db.assembly import partial_note
 from mammonode.db.models import Study
 from mammonode.db.records import mark_unusable, selection, selection_key
 from mammonode.db.session import Database
@@ -26,6 +29,7 @@ from mammonode.exam.views import VIEWS
 from mammonode.metrics import METRICS
 from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, read_dicom, without_pixels
 from mammonode.pipeline.progress import LogLines
+from mammonode.pipeline.registry import IMAGEWISE_MODELS
 from mammonode.pipeline.run import PipelineOptions, plan_models, run_pipeline
 from mammonode.pipeline.runtime import configure_torch
 from mammonode.pipeline.weights import WeightsError
@@ -53,6 +57,22 @@ def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
     if p.models:
         options.models = tuple(p.models)
     return options
+
+
+def partial_options(options: PipelineOptions, configured: Sequence[str]) -> PipelineOptions:
+    """The options of a partial run (a study lacking views): the image-wise models among the
+    configured ones (``pipeline.models``); when none is configured, every image-wise model
+    whose weights are installed. WeightsError when none can run."""
+    chosen = tuple(m for m in configured if m in IMAGEWISE_MODELS)
+    if not chosen:
+        chosen = tuple(m for m in IMAGEWISE_MODELS if not plan_models(replace(options, models=(m,)))[1])
+    partial = replace(options, models=chosen)
+    if not chosen or not plan_models(partial)[0]:
+        raise WeightsError(
+            f"the study lacks views and no image-wise model can run on the views it has "
+            f"(weights of {', '.join(IMAGEWISE_MODELS)} not installed in {options.weights_dir})"
+        )
+    return partial
 
 
 def warn_missing_weights(options: PipelineOptions) -> dict[str, str]:
@@ -92,7 +112,7 @@ class PipelineWorker(Loop):
             session.expunge_all()
         prepared, headers = {}, {}
         start = time.perf_counter()
-        for view in VIEWS:
+        for view in (v for v in VIEWS if v in chosen):  # fewer than four: a partial run
             inst = chosen[view]
             try:
                 ds = read_dicom(self.cfg.storage_dir / inst.path)
@@ -109,11 +129,22 @@ class PipelineWorker(Loop):
         log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
         prepared, headers, seconds, study = self._inputs(claimed)
         progress = LogLines(log, prefix=f"job {claimed.job_id}: ")
-        result = run_pipeline(prepared, self.options, {"prepare": seconds}, progress)
+        lacking = [v for v in VIEWS if v not in prepared]
+        options = self.options
+        if lacking:  # queued by study.incomplete_policy = "image_wise" or `mammonode process`
+            options = partial_options(self.options, self.cfg.pipeline.models)
+            log.info(
+                "job %s: study lacks %s; partial result from %s",
+                claimed.job_id,
+                ", ".join(lacking),
+                ", ".join(options.models),
+            )
+        result = run_pipeline(prepared, options, {"prepare": seconds}, progress)
         METRICS.observe_job(result.timing_s)
         stored = store_results(self.cfg, self.db, claimed, study, result, prepared, headers)
+        note = partial_note(lacking) if lacking else None
         with self.db.session() as session:
-            if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict()):
+            if not jobs.finish(session, claimed.job_id, self.id, result.timing_s, result.as_dict(), note):
                 log.warning("job %s was taken from this worker; its result is discarded", claimed.job_id)
                 return
         log.info(
