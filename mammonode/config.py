@@ -35,8 +35,13 @@ class NodeSection:
     allowed_calling_aets: list[str] = field(default_factory=list)
     require_called_aet: bool = True
     max_associations: int = 16
-    max_pdu: int = 0  # 0: unlimited
+    # Largest P-DATA-TF PDU we receive (advertised in A-ASSOCIATE-AC); a peer's PDU declaring more than this
+    # plus 64 KiB aborts its association before any of it is buffered. 0: unlimited, and no such check.
+    max_pdu: int = 262144
     network_timeout_s: float = 60.0
+    # A DIMSE spool file (<storage>/tmp/spool) untouched this long is an aborted transfer's and is removed
+    # while running; 0: 2 * network_timeout_s + 60. Never less than 2 * network_timeout_s.
+    spool_max_age_s: float = 0.0
     acse_timeout_s: float = 5.0
     tls: bool = False
     tls_cert: str = ""
@@ -53,6 +58,13 @@ class DicomwebSection:
     tls_cert: str = ""
     tls_key: str = ""
     base_url: str = ""  # public URL of this service for RetrieveURL; empty: from the request
+    max_request_bytes: int = 4 << 30  # a STOW-RS body larger than this is refused with 413
+    max_parts: int = 1000  # a STOW-RS request with more parts than this is refused with 413
+    body_timeout_s: float = 600.0  # a request body (STOW-RS) not received within this is cut off (408)
+    head_timeout_s: float = 10.0  # a connection without a complete request head after this is closed
+    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open HTTP connections; beyond it the longest-idle one is closed
+    status_page_phi: bool = False  # the status page shows study date and accession (and full UIDs)
 
 
 @dataclass
@@ -323,6 +335,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.max_associations: must be at least 1")
     if not 0 <= cfg.dicomweb.port <= 65535:
         raise ConfigError(f"dicomweb.port: must be 0-65535, got {cfg.dicomweb.port}")
+    for key in ("max_request_bytes", "max_parts", "body_timeout_s", "head_timeout_s", "keep_alive_timeout_s"):
+        if getattr(cfg.dicomweb, key) <= 0:
+            raise ConfigError(f"dicomweb.{key}: must be positive, got {getattr(cfg.dicomweb, key)}")
+    if cfg.dicomweb.max_connections < 2:
+        raise ConfigError(f"dicomweb.max_connections: must be at least 2, got {cfg.dicomweb.max_connections}")
     if bool(cfg.dicomweb.tls_cert) != bool(cfg.dicomweb.tls_key):
         raise ConfigError("dicomweb.tls_key: tls_cert and tls_key go together")
     if cfg.node.tls and not (cfg.node.tls_cert and cfg.node.tls_key):

@@ -15,6 +15,8 @@ import time
 _PHI_PATTERNS = [
     re.compile(r"(\(0010,00[0-9A-Fa-f]{2}\)[^\n]*)"),  # any Patient module element in a dump
     re.compile(r"(Patient(?:'s)?\s*(?:Name|ID|Birth\s*Date)\s*[:=][^\n,]*)", re.IGNORECASE),
+    # pydicom's value validation quotes the value ("Invalid value for VR DA: '1961-07-04'.")
+    re.compile(r"(?<=Invalid value for VR [A-Z]{2}: )'[^'\n]*'"),
 ]
 
 

@@ -50,4 +50,6 @@ def test_compressed_result_is_sent_as_the_peer_accepts(tmp_path, options, expect
     (received,) = scp.files()
     ds = pydicom.dcmread(received)
     assert ds.file_meta.TransferSyntaxUID == expected_syntax
+    sent = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.SOPInstanceUID == sent.SOPInstanceUID, "the same instance, whatever its transfer syntax"
     assert np.array_equal(ds.pixel_array, pixels)

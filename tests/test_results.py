@@ -80,13 +80,14 @@ def test_dcentvfy_finds_sources_and_results_consistent(dicom_run):
 
 
 @slow
-def test_derived_objects_of_the_exam_fit_the_size_budget(dicom_run):
+def test_derived_objects_of_the_exam_fit_the_size_budget(dicom_run, artifacts):
     files = _results(dicom_run)
     sizes = {name: path.stat().st_size for name, path in sorted(files.items())}
-    for name, size in sizes.items():
-        print(f"{name}: {size / 1e6:.2f} MB")
+    lines = [f"{name}: {size / 1e6:.2f} MB" for name, size in sizes.items()]
     total = sum(sizes.values())
-    print(f"derived objects of the density exam: {total / 1e6:.2f} MB in {len(sizes)} files")
+    lines.append(f"derived objects of the density exam: {total / 1e6:.2f} MB in {len(sizes)} files")
+    print("\n".join(lines))
+    (artifacts / "derived-object-sizes.txt").write_text("\n".join(lines) + "\n")
     assert total <= MAX_DERIVED_BYTES
 
 

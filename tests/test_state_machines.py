@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from mammonode.db import admin
 from mammonode.db.assembly import enqueue, is_ready, missing_views, tick
-from mammonode.db.jobs import claim, fail, finish, heartbeat, recover_stale, register_worker, release
+from mammonode.db.jobs import claim, fail, finish, heartbeat, recover_stale, register_worker, release, set_stage
 from mammonode.db.migrate import upgrade
 from mammonode.db.models import Delivery, Event, Instance, Job, ResultObject, Study, Worker, utcnow
 from mammonode.db.outbox import (
@@ -598,3 +598,51 @@ def test_purgeable_keeps_back_studies_with_pending_deliveries(db):
         assert ([r.id for r in removable], kept) == ([study_id], 0)
     with db.session() as s:
         assert admin.purgeable(s, older_than_days=1) == ([], 0)
+
+
+def test_status_separates_what_fails_now_from_the_error_history(db):
+    """A delivery that failed and then went through leaves the history but not ``failing``;
+    one still being retried and one that gave up are listed per destination."""
+    from mammonode.db.queries import status
+
+    healed, retrying = deliveries(db, ("archive", "viewer"))
+    [gave_up] = deliveries(db, ("archive",))
+    study_of = {healed: "s1", retrying: "s1", gave_up: "s2"}
+    with db.session() as s:
+        record_attempts(s, "archive", {healed: failure("refused"), gave_up: failure("refused")}, study_of, 2, (1, 1))
+        record_attempts(s, "viewer", {retrying: failure("timed out")}, study_of, 5, (1, 1))
+    with db.session() as s:
+        record_attempts(
+            s, "archive", {healed: Attempt(True, 0, "stored"), gave_up: failure("refused")}, study_of, 2, (1, 1)
+        )
+    with db.session() as s:
+        data = status(s, QUIET_S, 60)
+    assert len(data["errors"]) == 4, "the history keeps every warning and error"
+    now = {d["destination"]: d for d in data["failing"]["deliveries"]}
+    assert now["archive"]["failed"] == 1 and now["archive"]["retrying"] == 0 and now["archive"]["studies"] == 1
+    assert now["viewer"]["retrying"] == 1 and now["viewer"]["last_error"] == "timed out"
+    assert now["viewer"]["next_attempt_at"] is not None
+    with db.session() as s:
+        record_attempts(s, "viewer", {retrying: Attempt(True, 0, "stored")}, study_of, 5, (1, 1))
+    with db.session() as s:
+        assert [d["destination"] for d in status(s, QUIET_S, 60)["failing"]["deliveries"]] == ["archive"]
+
+
+def test_a_running_jobs_stage_is_shown_until_it_ends(db):
+    from mammonode.db.queries import status, study_detail
+
+    study_id, job_id = claimed_job(db, "w1")
+    with db.session() as s:
+        set_stage(s, job_id, "someone-else", "crop")  # not this worker's job: ignored
+        set_stage(s, job_id, "w1", "heatmaps")
+    with db.session() as s:
+        [running] = status(s, QUIET_S, 60)["running"]
+        assert running["job"] == job_id and running["stage"] == "heatmaps"
+        [job] = study_detail(s, s.get(Study, study_id), QUIET_S)["jobs"]
+        assert job["stage"] == "heatmaps"
+    with db.session() as s:
+        assert finish(s, job_id, "w1", {}, {})
+    with db.session() as s:
+        assert status(s, QUIET_S, 60)["running"] == []
+        [job] = study_detail(s, s.get(Study, study_id), QUIET_S)["jobs"]
+        assert job["state"] == "done" and job["stage"] is None

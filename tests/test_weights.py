@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,68 @@ def test_install_refuses_a_file_that_contradicts_a_known_checksum(tmp_path):
     out = cli("weights", "install", "--from", str(source), "--weights-dir", str(tmp_path / "w"))
     assert "not the official" in out.stdout
     assert not (tmp_path / "w" / "density_histogram_model.p").exists()
+
+
+@pytest.fixture
+def request_cleanup():
+    folders: list[Path] = []
+    yield folders
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_install_leaves_files_readable_by_the_service_user_and_verify_says_when_not(request_cleanup, test_weights_dir):
+    """Installed under a strict umask (077, as root's often is) the files are still 0644, so a
+    service user other than the installer reads them; verify names a file it cannot read."""
+    import os
+    import pwd
+    import stat
+
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="mammonode-weights-")) / "installed"  # /tmp: others traverse it
+    request_cleanup.append(target.parent)
+    old = os.umask(0o077)
+    try:
+        out = cli("weights", "install", "--from", str(test_weights_dir), "--weights-dir", str(target))
+    finally:
+        os.umask(old)
+    assert "installed" in out.stdout
+    files = [p for p in target.iterdir() if p.suffix == ".p"]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    os.chmod(target.parent, 0o755)
+    ok = cli("weights", "verify", "--weights-dir", str(target), "--service-user", "nobody", "--json")
+    assert [row["status"] for row in json.loads(ok.stdout)] == ["ok"] * len(json.loads(ok.stdout))
+    os.chmod(target / "patch_model.p", 0o600)
+    if pwd.getpwuid(os.getuid()).pw_name == "nobody":
+        pytest.skip("running as nobody")
+    bad = cli("weights", "verify", "--weights-dir", str(target), "--service-user", "nobody", check=False)
+    assert bad.returncode == 1
+    [line] = [line for line in bad.stdout.splitlines() if line.startswith("patch ")]
+    assert "bad" in line and "the service user nobody cannot read" in line and "mode 0600" in line
+
+
+def test_every_cli_option_has_help_text():
+    """Every option and argument of every command says what it is for (``--help`` is the manual)."""
+    import click
+    import typer.main
+
+    from mammonode.cli.app import app
+
+    def commands(group: click.Command, prefix: str = ""):
+        yield prefix, group
+        for name, sub in getattr(group, "commands", {}).items():
+            yield from commands(sub, f"{prefix} {name}")
+
+    missing = [
+        f"{path.strip() or 'mammonode'} {param.name}"
+        for path, command in commands(typer.main.get_command(app))
+        for param in command.params
+        if not getattr(param, "help", None) and param.name != "help"
+    ]
+    assert not missing, missing

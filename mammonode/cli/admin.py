@@ -14,12 +14,14 @@ from mammonode.cli.app import (
     console,
     db_app,
     err,
-    local_time,
     open_db,
     print_json,
     setup_logging,
     study_or_exit,
 )
+from mammonode.db.queries import local_time
+
+UidArgument = typer.Argument(..., help="Study Instance UID, or a unique prefix of it")
 
 
 def _where(cfg) -> str:
@@ -80,6 +82,12 @@ def status(
     table.add_row(*[str(v) for v in data["studies"].values()])
     console.print(table)
     console.print("jobs: " + ", ".join(f"{k} {v}" for k, v in data["jobs"].items()))
+    for r in data["running"]:
+        console.print(
+            f"  running: {r['study_instance_uid']} stage {r['stage'] or 'starting'} "
+            f"(since {local_time(r['started_at'])})",
+            highlight=False,
+        )
     console.print("deliveries: " + ", ".join(f"{k} {v}" for k, v in data["deliveries"].items()))
     if data["oldest_waiting"]:
         o = data["oldest_waiting"]
@@ -97,9 +105,26 @@ def status(
         )
     if data["quarantined_instances"]:
         console.print(f"[yellow]{data['quarantined_instances']} instances of another patient than their study[/yellow]")
+    now = data["failing"]
+    if now["deliveries"] or now["studies"]:
+        console.print("[bold red]failing now[/bold red]")
+    for d in now["deliveries"]:
+        retry = f", next try {local_time(d['next_attempt_at'])}" if d["next_attempt_at"] else ""
+        console.print(
+            f"  [red]delivery to {d['destination']}[/red]: {d['failed']} failed, {d['retrying']} retrying "
+            f"({d['studies']} studies{retry}): {d['last_error']}",
+            highlight=False,
+        )
+    for f in now["studies"]:
+        console.print(
+            f"  [red]study {f['study_instance_uid']}[/red] failed {local_time(f['since'])}: {f['error']}",
+            highlight=False,
+        )
+    if data["errors"]:
+        console.print("recent errors and warnings (history, resolved ones included)")
     for e in data["errors"]:
         console.print(
-            f"[yellow]{local_time(e['at'])} {e['level']} {e['kind']}[/yellow] "
+            f"  [dim]{local_time(e['at'])} {e['level']} {e['kind']}[/dim] "
             f"{e['study_instance_uid'] or ''} {e['message']}",
             highlight=False,
         )
@@ -149,7 +174,7 @@ def studies(
 
 @app.command()
 def study(
-    uid: str,
+    uid: str = UidArgument,
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
     show_phi: bool = typer.Option(False, "--show-phi", help="include patient name and ID, accession, study date"),
@@ -185,7 +210,10 @@ def study(
         table.add_row(i["sop_instance_uid"], i["view"], str(i["usable"]), i["reason"] or "")
     console.print(table)
     for j in data["jobs"]:
-        console.print(f"job {j['id']}: {j['state']} attempts {j['attempts']} {j['last_error'] or ''}", highlight=False)
+        stage = f" (stage: {j['stage']})" if j.get("stage") else ""
+        console.print(
+            f"job {j['id']}: {j['state']}{stage} attempts {j['attempts']} {j['last_error'] or ''}", highlight=False
+        )
     _print_scores(data.get("result"))
     for r in data["results"]:
         states = ", ".join(f"{d['destination']}={d['state']}" for d in r["deliveries"]) or "kept here, not sent"
@@ -194,7 +222,7 @@ def study(
 
 @app.command()
 def retry(
-    uid: str,
+    uid: str = UidArgument,
     config: Path | None = ConfigOption,
     force: bool = typer.Option(False, "--force", help="also re-run done studies and re-send delivered objects"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
@@ -225,7 +253,7 @@ def retry(
 
 @app.command()
 def process(
-    uid: str,
+    uid: str = UidArgument,
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
 ) -> None:

@@ -91,15 +91,6 @@ def open_db(cfg: Config, create: bool = False):
         fail(f"database: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}", cfg)
 
 
-def local_time(iso: str | None) -> str:
-    """An ISO 8601 timestamp as local time with its zone, to the second (human output only)."""
-    if not iso:
-        return ""
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
 def fail(message: str, cfg: Config | None = None, code: int = 1) -> NoReturn:
     """One line on stderr and exit; the log says the same once when it goes to a file (when
     it goes to stderr, that line is the log's)."""

@@ -105,25 +105,31 @@ def predict(
     ),
     png: list[str] = typer.Option([], "--png", help="VIEW=PATH, a grey PNG as acquired (repeatable)"),
     png_mirrored: list[str] = typer.Option([], "--png-mirrored", help="VIEW whose PNG is stored mirrored"),
-    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-    device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
-    epochs: int = typer.Option(10, "--epochs"),
-    no_augmentation: bool = typer.Option(False, "--no-augmentation"),
+    weights_dir: Path | None = typer.Option(
+        None, "--weights-dir", help="where the weight files are (default: the config's pipeline.weights_dir)"
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    seed: int = typer.Option(0, "--seed", help="random seed of the heatmap grids and augmentation (NYU's: 0)"),
+    epochs: int = typer.Option(10, "--epochs", help="augmented passes averaged per cancer model (NYU's: 10)"),
+    no_augmentation: bool = typer.Option(
+        False, "--no-augmentation", help="one pass without augmentation (faster; not the published setting)"
+    ),
     models: str | None = typer.Option(
         None,
         "--models",
         help="comma-separated models (default: the exam's four; also image_only_imagewise, image_heatmaps_imagewise)",
     ),
-    heatmaps_out: Path | None = typer.Option(None, "--heatmaps-out"),
+    heatmaps_out: Path | None = typer.Option(
+        None, "--heatmaps-out", help="write each view's heatmaps here as .npy (float32, facing right)"
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
-    heatmap_batch: int = typer.Option(8, "--heatmap-batch"),
+    heatmap_batch: int = typer.Option(8, "--heatmap-batch", help="patches per patch-model batch"),
     results_out: Path | None = typer.Option(None, "--results-out", help="also write SR and SC objects here"),
     allow_mixed_studies: bool = typer.Option(
         False, "--allow-mixed-studies", help="run files of different studies or patients as one exam"
     ),
     config: Path | None = ConfigOption,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="the result as one JSON object on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display or per-stage lines on stderr"),
 ) -> None:
     """Run the pipeline on one exam and print the result (the node's workers call the same code).
@@ -218,8 +224,8 @@ def _print_human(data: dict) -> None:
 @weights_app.command("list")
 def weights_list(
     config: Path | None = ConfigOption,
-    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-    as_json: bool = typer.Option(False, "--json"),
+    weights_dir: Path | None = typer.Option(None, "--weights-dir", help="default: the config's pipeline.weights_dir"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON array, a row per model"),
 ) -> None:
     """Installed and missing weight files, with checksums."""
     from mammonode.pipeline.weights_admin import listing
@@ -247,15 +253,19 @@ def weights_list(
 @weights_app.command("verify")
 def weights_verify(
     config: Path | None = ConfigOption,
-    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
-    as_json: bool = typer.Option(False, "--json"),
+    weights_dir: Path | None = typer.Option(None, "--weights-dir", help="default: the config's pipeline.weights_dir"),
+    service_user: str = typer.Option(
+        "mammonode", "--service-user", help="the user the node runs as, who must be able to read the files"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="one JSON array, a row per model"),
 ) -> None:
     """Load every installed file into its architecture and compare checksums with the manifest.
-    Exit 1 when a file is corrupt, does not fit, or contradicts a known checksum."""
+    Exit 1 when a file is corrupt, does not fit, contradicts a known checksum, or cannot be
+    read by the service user."""
     from mammonode.pipeline.weights_admin import verify
 
     cfg = optional_config(config)
-    rows = verify(weights_dir or cfg.weights_dir)
+    rows = verify(weights_dir or cfg.weights_dir, service_user)
     if as_json:
         print_json(rows)
     else:
@@ -269,10 +279,11 @@ def weights_verify(
 def weights_install(
     source: str = typer.Option(..., "--from", help="a directory or a base URL holding the files"),
     config: Path | None = ConfigOption,
-    weights_dir: Path | None = typer.Option(None, "--weights-dir"),
+    weights_dir: Path | None = typer.Option(None, "--weights-dir", help="default: the config's pipeline.weights_dir"),
     test_weights: bool = typer.Option(False, "--test-weights", help="mark the installed directory as test weights"),
 ) -> None:
-    """Copy (or download) weight files under their manifest names into the weights directory."""
+    """Copy (or download) weight files under their manifest names into the weights directory,
+    readable by every user (mode 644: the service user must read them; they are no secret)."""
     from mammonode.pipeline.weights_admin import install
 
     cfg = optional_config(config)

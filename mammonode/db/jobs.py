@@ -135,6 +135,15 @@ def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
     return job
 
 
+def set_stage(session: Session, job_id: int, worker_id: str, stage: str) -> None:
+    """Record the running job's current pipeline stage (for `study` and the status page)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
+        .values(stage=stage[:32])
+    )
+
+
 def finish(session: Session, job_id: int, worker_id: str, timings: dict, result: dict, note: str | None = None) -> bool:
     """``note``: the study's note for this result (a partial result says which views it lacks)."""
     job = _owned(session, job_id, worker_id)

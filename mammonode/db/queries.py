@@ -31,6 +31,14 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def local_time(iso_text: str | None) -> str:
+    """An ISO 8601 timestamp as local time with its zone, to the second (human output: the
+    CLI's tables and the status page; JSON keeps ISO 8601 with offset)."""
+    if not iso_text:
+        return ""
+    return datetime.fromisoformat(iso_text).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def study_summary(session: Session, study: Study, quiet_period_s: float, show_phi: bool = False) -> dict:
     instances = study.instances
     state = study.state
@@ -103,6 +111,7 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
             "started_at": iso(j.started_at),
             "finished_at": iso(j.finished_at),
             "last_error": j.last_error,
+            "stage": j.stage if j.state == JobState.RUNNING else None,
             "timings_s": j.timings,
         }
         for j in session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.id)).scalars()
@@ -152,6 +161,54 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
         )
     out["results"] = results
     return out
+
+
+def failing(session: Session, limit: int = 10) -> dict:
+    """What is failing now, as opposed to the error history (``errors``): per destination, the
+    deliveries that gave up or are being retried after an error; and the failed studies with
+    their last job error. A delivery that later succeeded is not here."""
+    destinations = []
+    rows = session.execute(
+        select(Delivery, ResultObject.study_id)
+        .join(ResultObject, Delivery.result_id == ResultObject.id)
+        .where(
+            (Delivery.state == DeliveryState.FAILED)
+            | (Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]) & Delivery.last_error.is_not(None))
+        )
+        .order_by(Delivery.destination, Delivery.next_attempt_at)
+    ).all()
+    by_destination: dict[str, list[tuple[Delivery, int]]] = {}
+    for delivery, study_id in rows:
+        by_destination.setdefault(delivery.destination, []).append((delivery, study_id))
+    for name, items in by_destination.items():
+        gave_up = [d for d, _ in items if d.state == DeliveryState.FAILED]
+        retrying = [d for d, _ in items if d.state != DeliveryState.FAILED]
+        newest = max((d for d, _ in items), key=lambda d: d.claimed_at or d.created_at)
+        destinations.append(
+            {
+                "destination": name,
+                "failed": len(gave_up),
+                "retrying": len(retrying),
+                "studies": len({study_id for _, study_id in items}),
+                "last_error": newest.last_error,
+                "next_attempt_at": iso(min(d.next_attempt_at for d in retrying)) if retrying else None,
+            }
+        )
+    failed_studies = []
+    for study in session.execute(
+        select(Study).where(Study.state == StudyState.FAILED).order_by(Study.updated_at.desc()).limit(limit)
+    ).scalars():
+        job = session.execute(
+            select(Job).where(Job.study_id == study.id).order_by(Job.id.desc()).limit(1)
+        ).scalar_one_or_none()
+        failed_studies.append(
+            {
+                "study_instance_uid": study.study_instance_uid,
+                "since": iso(study.updated_at),
+                "error": job.last_error if job is not None else None,
+            }
+        )
+    return {"deliveries": destinations, "studies": failed_studies}
 
 
 def status(
@@ -214,10 +271,27 @@ def status(
             .limit(errors)
         ).scalars()
     ]
+    running = [
+        {
+            "job": job.id,
+            "study_instance_uid": uid,
+            "stage": job.stage,
+            "started_at": iso(job.started_at),
+            "worker_id": job.worker_id,
+        }
+        for job, uid in session.execute(
+            select(Job, Study.study_instance_uid)
+            .join(Study, Job.study_id == Study.id)
+            .where(Job.state == JobState.RUNNING)
+            .order_by(Job.started_at)
+        )
+    ]
     return {
         "studies": studies,
         "jobs": jobs,
+        "running": running,
         "deliveries": deliveries,
+        "failing": failing(session),
         "workers": workers,
         "oldest_waiting": None
         if oldest is None

@@ -58,7 +58,7 @@ def _as_accepted(ds, accepted: set[tuple[str, str]]):
     if (sop, str(ds.file_meta.TransferSyntaxUID)) in accepted:
         return ds
     if any((sop, syntax) in accepted for syntax in TRANSFER_SYNTAXES) and ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # the same instance, in another transfer syntax
     return ds
 
 

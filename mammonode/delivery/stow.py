@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import pydicom
 
 from mammonode.config import Destination
 from mammonode.delivery.status import Item, Outcome
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would re-send the request, bearer token included, to
+    whatever origin the Location names (turning the POST into a GET for 301-303). A redirect
+    is an error for that attempt; the object is not counted as delivered."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the redirect's code
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _stow_outcome(body: bytes, sop_uid: str) -> tuple[int | None, str]:
@@ -32,7 +46,6 @@ def _stow_outcome(body: bytes, sop_uid: str) -> tuple[int | None, str]:
 def send_stow(dest: Destination, items: list[Item]) -> Outcome:
     """POST each object to <url>/studies as multipart/related; type="application/dicom"."""
     import urllib.error
-    import urllib.request
     import uuid
 
     outcome: dict[int, tuple[int | None, str]] = {}
@@ -58,11 +71,13 @@ def send_stow(dest: Destination, items: list[Item]) -> Outcome:
             headers["Authorization"] = f"Bearer {dest.token}"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with _OPENER.open(request, timeout=120) as response:
                 outcome[delivery_id] = _stow_outcome(response.read(), sop_uid)
         except urllib.error.HTTPError as exc:
             if exc.code in (202, 409):
                 outcome[delivery_id] = _stow_outcome(exc.read(), sop_uid)
+            elif 300 <= exc.code < 400:
+                outcome[delivery_id] = (None, f"HTTP {exc.code} redirect from {url} not followed (set the final URL)")
             else:
                 outcome[delivery_id] = (None, f"HTTP {exc.code} from {url}")
         except (OSError, urllib.error.URLError) as exc:

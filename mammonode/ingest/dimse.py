@@ -4,28 +4,51 @@ Incoming data sets are spooled to a temporary file by pynetdicom (never held who
 memory), then handed to :func:`mammonode.ingest.store.ingest`; the C-STORE response is
 sent only after ingest returns, i.e. after the instance is on disk and in the database.
 One log line per association; studies are named by UID only, never by patient.
+
+Spool files live in ``<storage>/tmp/spool`` (not the system temp dir, whose filling up
+would stop storing): pynetdicom removes a request's file once its handler returns, but not
+the file of a transfer cut short (abort, dropped connection), so a sweep removes spool files
+untouched for longer than any live association leaves its file (:meth:`spool_max_age`),
+and start-up recovery removes everything under ``tmp/``.
+
+Every PDU's declared length is checked before pynetdicom reads its body
+(:func:`_bound_pdu_reads`): beyond ``node.max_pdu`` (advertised to the peer) plus
+:data:`PDU_MARGIN` the association is aborted without reading, so a peer cannot make the
+listener buffer a PDU of gigabytes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from mammonode.config import Config
 from mammonode.db.session import Database
+from mammonode.ingest.layout import StorageLayout, ensure_dir
 from mammonode.ingest.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreError, ingest
 from mammonode.metrics import METRICS
 
 log = logging.getLogger(__name__)
+
+# A peer's PDU may declare up to node.max_pdu (what we advertise); this much more is
+# tolerated for peers that count the PDU header or item headers in (and an A-ASSOCIATE-RQ
+# with many presentation contexts is a few KB). Beyond it the association is aborted unread.
+PDU_MARGIN = 64 * 1024
+# A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value).
+A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 
 
 def _any_uid(value: object) -> tuple[bool, str]:
@@ -41,6 +64,65 @@ def configure_pynetdicom() -> None:
     # Do not log identifying data-set contents from pynetdicom's debug output.
     _config.LOG_HANDLER_LEVEL = "none"
     _config.VALIDATORS["UI"] = _any_uid
+
+
+def spool_into(spool_dir: Path) -> None:
+    """Make pynetdicom spool incoming C-STORE data sets into ``spool_dir``.
+
+    pynetdicom calls ``NamedTemporaryFile(delete=False, ...)`` by the name its
+    ``dimse_messages`` module imported; rebinding that one name (instead of the process-wide
+    ``tempfile.tempdir``) moves only these files and leaves every other temporary file of
+    the process where it was. One process serves one storage directory: the listener that
+    starts last decides."""
+    ensure_dir(spool_dir)
+
+    def spool_file(*args, **kwargs):
+        kwargs["dir"] = str(spool_dir)
+        try:
+            return tempfile.NamedTemporaryFile(*args, **kwargs)
+        except FileNotFoundError:  # the spool directory was removed under us
+            os.makedirs(spool_dir, exist_ok=True)
+            return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+    dimse_messages.NamedTemporaryFile = functools.update_wrapper(spool_file, tempfile.NamedTemporaryFile)
+
+
+def _bound_pdu_reads(assoc_socket, limit: int) -> None:
+    """Abort the association when a PDU's header declares more than ``limit`` bytes.
+
+    pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) and then
+    ``recv(declared length)`` into one growing buffer, whatever the length says. This wraps
+    that one socket's ``recv`` (the per-connection :class:`AssociationSocket`, nothing
+    process-wide): a read longer than ``limit`` sends an A-ABORT, closes the connection and
+    returns nothing, which the DUL handles as a transport that closed mid-PDU (the
+    association ends as aborted)."""
+    recv = assoc_socket.recv
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes <= limit:
+            return recv(nr_bytes)
+        raw = assoc_socket.socket
+        peer = "?"
+        try:
+            peer = "{}:{}".format(*raw.getpeername()[:2])
+            raw.settimeout(1.0)
+            raw.sendall(A_ABORT_INVALID_PARAMETER)
+        except (OSError, ValueError):
+            pass
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        log.warning(
+            "association from %s aborted: a PDU declares %d bytes, more than node.max_pdu + %d (%d); not read",
+            peer,
+            nr_bytes,
+            PDU_MARGIN,
+            limit,
+        )
+        return bytearray()
+
+    assoc_socket.recv = bounded_recv
 
 
 @dataclass
@@ -67,6 +149,10 @@ class DimseListener:
         self.accepting = True
         self._associations: dict[int, AssociationState] = {}
         self._lock = threading.Lock()
+        self.spool_dir = StorageLayout(cfg.storage_dir).tmp_dir / "spool"
+        self._in_ingest: set[str] = set()  # names of spool files a C-STORE handler is reading
+        self._sweeping = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     def _state(self, assoc) -> AssociationState | None:
         with self._lock:
@@ -108,6 +194,9 @@ class DimseListener:
         if not self.accepting:
             return _status(OUT_OF_RESOURCES, "node is shutting down")
         request = event.request
+        spool_file = Path(event.dataset_path).name
+        with self._lock:
+            self._in_ingest.add(spool_file)
         try:
             result = ingest(
                 Path(event.dataset_path),
@@ -124,11 +213,19 @@ class DimseListener:
         except Exception as exc:  # never crash the association thread, never claim success
             log.exception("C-STORE failed unexpectedly")
             return _status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._in_ingest.discard(spool_file)
         METRICS.instances.labels(str(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
         log.debug(
             "stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid, result.outcome
         )
         return 0x0000
+
+    def _handle_conn_open(self, event) -> None:
+        max_pdu = self.cfg.node.max_pdu
+        if max_pdu > 0:
+            _bound_pdu_reads(event.assoc.dul.socket, max_pdu + PDU_MARGIN)
 
     def _handle_accepted(self, event) -> None:
         METRICS.associations.labels("accepted").inc()
@@ -183,11 +280,55 @@ class DimseListener:
             self._rejection_reason(assoc),
         )
 
+    # -- spool sweep ----------------------------------------------------------------------
+    def spool_max_age(self) -> float:
+        """How long a spool file may go unwritten before it counts as an aborted transfer's.
+
+        While a data set arrives its file is written at every P-DATA PDU, and a peer silent
+        for ``network_timeout_s`` is dropped; once complete the file is read by the handler,
+        which the sweep skips. So a file untouched for twice the network timeout belongs to
+        no live transfer."""
+        node = self.cfg.node
+        configured = node.spool_max_age_s or 2 * node.network_timeout_s + 60.0
+        return max(configured, 2 * node.network_timeout_s)
+
+    def sweep_spool(self, now: float | None = None) -> int:
+        """Remove spool files older than :meth:`spool_max_age` that no handler is reading."""
+        limit = (time.time() if now is None else now) - self.spool_max_age()
+        removed = 0
+        try:
+            entries = list(os.scandir(self.spool_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > limit:
+                    continue
+                with self._lock:
+                    if entry.name in self._in_ingest:
+                        continue
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.warning("removed %d spool files of aborted DIMSE transfers from %s", removed, self.spool_dir)
+        return removed
+
+    def _sweep_loop(self) -> None:
+        interval = max(0.5, min(60.0, self.spool_max_age() / 4))
+        while not self._sweeping.wait(interval):
+            try:
+                self.sweep_spool()
+            except OSError:
+                log.exception("spool sweep failed")
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         node = self.cfg.node
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_CONN_OPEN, self._handle_conn_open),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_RELEASED, self._handle_released, ["released"]),
             (evt.EVT_ABORTED, self._handle_released, ["aborted"]),
@@ -195,11 +336,15 @@ class DimseListener:
             (evt.EVT_PDU_RECV, self._handle_pdu),
         ]
         configure_pynetdicom()
+        spool_into(self.spool_dir)
         self.ae = self.build_ae()
         self.server = self.ae.start_server(
             (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context()
         )
         log.info("DIMSE listener %s on %s:%s%s", node.ae_title, node.host, self.port, " (TLS)" if node.tls else "")
+        self._sweeping.clear()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="dimse-spool-sweep", daemon=True)
+        self._sweeper.start()
 
     @property
     def port(self) -> int:
@@ -229,4 +374,5 @@ class DimseListener:
         for assoc in list(server.active_associations):
             assoc.abort()
         self.server = None
+        self._sweeping.set()
         log.info("DIMSE listener stopped")

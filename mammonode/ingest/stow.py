@@ -3,15 +3,24 @@
 Parts are streamed to temporary files and go through the same :func:`ingest` as C-STORE: a
 part is reported stored only once it is on disk and in the database. The response (DICOM
 JSON, or XML when asked for) lists what was stored and what was refused, with why.
+
+A request is bounded: its size (``dicomweb.max_request_bytes``, 413, by Content-Length and
+while streaming), its number of parts (``dicomweb.max_parts``, 413) and the time its body
+takes (``dicomweb.body_timeout_s``, 408). Parts are spooled in the storage directory's
+``tmp/`` (which start-up recovery cleans), never in the system temp dir, and removed when
+the request ends, however it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import tempfile
 import uuid
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 from pydicom.dataset import Dataset
 from python_multipart import MultipartParser
@@ -20,12 +29,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mammonode.db.session import Database
+from mammonode.ingest.layout import StorageLayout, ensure_dir
 from mammonode.ingest.store import DOES_NOT_MATCH_SOP_CLASS, StoreError, ingest, read_header
 from mammonode.metrics import METRICS
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 MAX_PART_HEADERS = 32
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+class RequestRefused(Exception):
+    """The request as a whole is refused before its parts are stored (HTTP ``status``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _echo_uid(value: str | None) -> str:
+    """A UID taken from a part, fit to echo in the response: a valid UID, else empty."""
+    return value if value and len(value) <= 64 and _UID.fullmatch(value) else ""
 
 
 def dicomweb_base(request: Request, configured: str = "") -> str:
@@ -51,13 +75,14 @@ def _xml(ds: Dataset) -> str:
         for elem in d:
             tag = f"{elem.tag.group:04X}{elem.tag.element:04X}"
             vr = dictionary_VR(elem.tag)
-            head = f'<DicomAttribute tag="{tag}" vr="{vr}" keyword="{keyword_for_tag(elem.tag)}">'
+            keyword = quoteattr(keyword_for_tag(elem.tag))
+            head = f"<DicomAttribute tag={quoteattr(tag)} vr={quoteattr(vr)} keyword={keyword}>"
             if vr == "SQ":
                 items = "".join(f'<Item number="{i + 1}">{attrs(item)}</Item>' for i, item in enumerate(elem.value))
                 parts.append(head + items + "</DicomAttribute>")
             else:
                 values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
-                body = "".join(f'<Value number="{i + 1}">{v}</Value>' for i, v in enumerate(values))
+                body = "".join(f'<Value number="{i + 1}">{escape(str(v))}</Value>' for i, v in enumerate(values))
                 parts.append(head + body + "</DicomAttribute>")
         return "".join(parts)
 
@@ -83,10 +108,21 @@ def _http_status(stored: list, failed: list) -> int:
 class StowHandler:
     """``POST /dicomweb/studies[/{study}]``."""
 
-    def __init__(self, storage_dir: Path, db: Database, base_url: str = ""):
+    def __init__(
+        self,
+        storage_dir: Path,
+        db: Database,
+        base_url: str = "",
+        max_request_bytes: int = 4 << 30,
+        max_parts: int = 1000,
+        body_timeout_s: float = 600.0,
+    ):
         self.storage_dir = storage_dir
         self.db = db
         self.base_url = base_url
+        self.max_request_bytes = max_request_bytes
+        self.max_parts = max_parts
+        self.body_timeout_s = body_timeout_s
 
     async def _spool_parts(self, request: Request, folder: Path) -> list[tuple[Path, str]]:
         content_type = request.headers.get("content-type", "")
@@ -99,10 +135,17 @@ class StowHandler:
             raise ValueError('expected multipart/related; type="application/dicom" with a boundary')
         if params.get("type", "application/dicom").lower() != "application/dicom":
             raise TypeError(f"part type {params.get('type')} is not supported; send application/dicom")
+        length = request.headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_request_bytes:
+            raise RequestRefused(413, f"request body larger than the limit of {self.max_request_bytes} bytes")
         parts: list[tuple[Path, str]] = []
         state = {"file": None, "field": b"", "headers": {}, "value": b""}
 
         def on_part_begin():
+            if len(parts) >= self.max_parts:
+                raise RequestRefused(
+                    413, f"more than {self.max_parts} parts in one request; send the instances in several requests"
+                )
             path = folder / f"{uuid.uuid4().hex}.dcm"
             state["file"] = open(path, "wb")
             state["headers"] = {}
@@ -138,10 +181,19 @@ class StowHandler:
                 "on_header_end": on_header_end,
             },
         )
+        received = 0
         try:
-            async for chunk in request.stream():
-                parser.write(chunk)
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > self.max_request_bytes:
+                        raise RequestRefused(
+                            413, f"request body larger than the limit of {self.max_request_bytes} bytes"
+                        )
+                    parser.write(chunk)
             parser.finalize()
+        except TimeoutError:
+            raise RequestRefused(408, f"request body not received within {self.body_timeout_s:g} s") from None
         finally:
             if state["file"] is not None and not state["file"].closed:
                 state["file"].close()
@@ -149,13 +201,25 @@ class StowHandler:
 
     async def post(self, request: Request) -> Response:
         expected_study = request.path_params.get("study")
-        with tempfile.TemporaryDirectory(prefix="stow-") as tmp:
+        tmp_root = StorageLayout(self.storage_dir).tmp_dir
+        try:
+            await run_in_threadpool(ensure_dir, tmp_root)
+        except OSError:
+            return JSONResponse({"error": "storage unavailable"}, status_code=503)
+        # Closed before the body is read in full: tell the client (and uvicorn) the
+        # connection ends here.
+        close = {"Connection": "close"}
+        with tempfile.TemporaryDirectory(prefix="stow-", dir=tmp_root, ignore_cleanup_errors=True) as tmp:
             try:
                 parts = await self._spool_parts(request, Path(tmp))
+            except RequestRefused as exc:
+                log.warning("STOW-RS request refused: %s", exc)
+                return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=close)
             except TypeError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=415)
+                return JSONResponse({"error": str(exc)}, status_code=415, headers=close)
             except Exception as exc:
-                return JSONResponse({"error": f"cannot parse the multipart body: {exc}"}, status_code=400)
+                message = f"cannot parse the multipart body: {exc}"
+                return JSONResponse({"error": message}, status_code=400, headers=close)
             if not parts:
                 return JSONResponse({"error": "no DICOM parts in the request"}, status_code=400)
             client = request.client.host if request.client else "unknown"
@@ -166,7 +230,7 @@ class StowHandler:
         stored = [r for r in results if r[0] == "ok"]
         failed = [r for r in results if r[0] != "ok"]
         base = dicomweb_base(request, self.base_url)
-        if expected_study:
+        if _echo_uid(expected_study):
             response.RetrieveURL = f"{base}/studies/{expected_study}"
         if stored:
             items = []
@@ -178,7 +242,7 @@ class StowHandler:
         if failed:
             items = []
             for _, sop_class, sop_uid, _, _, reason in failed:
-                item = _sop_item(sop_class or "", sop_uid or "")
+                item = _sop_item(_echo_uid(sop_class), _echo_uid(sop_uid))
                 item.FailureReason = reason
                 items.append(item)
             response.FailedSOPSequence = items

@@ -3,7 +3,11 @@ and write seeded test weights in the original file formats (demo and tests)."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
+import stat
 import tempfile
 import urllib.parse
 import urllib.request
@@ -48,12 +52,57 @@ def listing(weights_dir: Path) -> list[dict]:
     return rows
 
 
-def verify(weights_dir: Path) -> list[dict]:
+# Installed weight files are public model parameters, not secrets: readable by the service user
+# whoever installed them (a root umask of 077 would otherwise leave them 0600 and every job fails).
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+SERVICE_USER = "mammonode"  # the systemd units' User=
+
+
+def readable_by(path: Path, user: str) -> bool | None:
+    """Whether ``user`` can read ``path`` (and traverse every directory above it) by its
+    mode bits; None when no such user exists on this machine."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if account.pw_uid == 0:
+        return True
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+    def allowed(p: Path, owner: int, group: int, other: int) -> bool:
+        st = p.stat()
+        if st.st_uid == account.pw_uid:
+            return bool(st.st_mode & owner)
+        if st.st_gid in groups:
+            return bool(st.st_mode & group)
+        return bool(st.st_mode & other)
+
+    path = path.absolute()
+    if not allowed(path, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
+        return False
+    return all(allowed(d, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH) for d in path.parents)
+
+
+def verify(weights_dir: Path, service_user: str = SERVICE_USER) -> list[dict]:
+    """Each model's file: missing, bad (corrupt, wrong shape, contradicts a known checksum,
+    unreadable by ``service_user``) or ok."""
     rows = []
     for item in listing(weights_dir):
         name = item["model"]
         if not item["installed"]:
             rows.append({"model": name, "status": "missing", "detail": f"{item['file']} not in {weights_dir}"})
+            continue
+        if readable_by(Path(item["path"]), service_user) is False:
+            mode = stat.S_IMODE(Path(item["path"]).stat().st_mode)
+            rows.append(
+                {
+                    "model": name,
+                    "status": "bad",
+                    "detail": f"the service user {service_user} cannot read {item['path']} (mode {mode:04o}); "
+                    f"chmod {FILE_MODE:o} it (and {DIR_MODE:o} its directories)",
+                }
+            )
             continue
         if item["expected_sha256"] and item["sha256"] != item["expected_sha256"] and not item["test_weights"]:
             rows.append(
@@ -93,6 +142,7 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
     """Copy each model's file from a directory (manifest or original names) or download it
     from ``source`` + file name; checksums known to the manifest must match."""
     weights_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(weights_dir, DIR_MODE)
     is_url = urllib.parse.urlparse(source).scheme in ("http", "https")
     source_dir = None if is_url else Path(source)
     if source_dir is not None and not source_dir.is_dir():
@@ -136,6 +186,7 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
             except Exception as exc:
                 rows.append({"model": name, "status": "bad", "detail": f"not a loadable weights file: {exc}"})
                 continue
+            os.chmod(temp, FILE_MODE)
             temp.replace(target)
             rows.append({"model": name, "status": "installed", "detail": f"{target} sha256 {digest[:16]}"})
         finally:
@@ -144,6 +195,7 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
         (weights_dir / TEST_MARKER).write_text(
             "Seeded random weights for testing only. Predictions made with them mean nothing clinically.\n"
         )
+        os.chmod(weights_dir / TEST_MARKER, FILE_MODE)
     return rows
 
 

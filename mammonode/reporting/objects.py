@@ -22,6 +22,7 @@ from mammonode.pipeline.run import PipelineResult
 from mammonode.reporting.content import missing_views
 from mammonode.reporting.header import PREDICT_EQUIPMENT, Equipment
 from mammonode.reporting.images import result_images
+from mammonode.reporting.repair import repaired
 from mammonode.reporting.secondary_capture import SourceImage
 from mammonode.reporting.tid1500 import build_sr
 from mammonode.reporting.tid4000 import build_cad_sr
@@ -82,6 +83,9 @@ def build_objects(
     compression); its defaults when None. ``equipment``: this installation's Device Observer
     UID and serial number (header.Equipment; generated once per installation and kept)."""
     objects: list[BuiltObject] = []
+    # Values devices send but DICOM forbids are repaired (or emptied) before any object copies
+    # them: a malformed birth date or time never fails a job (reporting/repair.py).
+    sources = {v: replace(s, dataset=repaired(s.dataset)) for v, s in sources.items()}
     headers = [sources[v].dataset for v in VIEWS if v in sources]
     settings = settings or ResultsSection()
     if benign_overlays:

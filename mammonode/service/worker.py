@@ -33,6 +33,7 @@ from mammonode.pipeline.registry import IMAGEWISE_MODELS
 from mammonode.pipeline.run import PipelineOptions, plan_models, run_pipeline
 from mammonode.pipeline.runtime import configure_torch
 from mammonode.pipeline.weights import WeightsError
+from mammonode.service.errors import PatientValues
 from mammonode.service.loop import Loop
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,23 @@ def warn_missing_weights(options: PipelineOptions) -> dict[str, str]:
     return skipped
 
 
+class JobStages(LogLines):
+    """LogLines, and each stage as it begins recorded on the job (best effort: a busy
+    database never stops the pipeline)."""
+
+    def __init__(self, db: Database, job_id: int, worker_id: str):
+        super().__init__(log, prefix=f"job {job_id}: ")
+        self.db, self.job_id, self.worker_id = db, job_id, worker_id
+
+    def stage(self, name: str, total: int | None = None, unit: str = "") -> None:
+        super().stage(name, total, unit)
+        try:
+            with self.db.session() as session:
+                jobs.set_stage(session, self.job_id, self.worker_id, name)
+        except Exception as exc:  # noqa: BLE001 - progress is informative only
+            log.debug("job %s: stage not recorded: %s", self.job_id, exc)
+
+
 class PipelineWorker(Loop):
     name = "worker"
 
@@ -99,6 +117,7 @@ class PipelineWorker(Loop):
         self.device = self.options.device
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.current_job: int | None = None
+        self.patient_values = PatientValues()  # the current job's, hidden in its error messages
 
     # -- one job --------------------------------------------------------------------------
     def _inputs(self, claimed: jobs.ClaimedJob) -> tuple[dict[str, PreparedView], dict[str, Dataset], float, Study]:
@@ -109,6 +128,9 @@ class PipelineWorker(Loop):
             chosen = selection(study.instances)
             if selection_key(chosen) != claimed.selection_key:
                 raise JobSuperseded("the study's inputs changed after the job was queued")
+            self.patient_values.add("PatientName", study.patient_name)
+            self.patient_values.add("PatientID", study.patient_id)
+            self.patient_values.add("AccessionNumber", study.accession_number)
             session.expunge_all()
         prepared, headers = {}, {}
         start = time.perf_counter()
@@ -116,6 +138,7 @@ class PipelineWorker(Loop):
             inst = chosen[view]
             try:
                 ds = read_dicom(self.cfg.storage_dir / inst.path)
+                self.patient_values.add_dataset(ds)
                 prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid)
             except ImageInputError as exc:
                 raise ImageInputError(f"{view}: {exc}", view=view) from exc
@@ -128,7 +151,7 @@ class PipelineWorker(Loop):
 
         log.info("job %s: study %s attempt %s", claimed.job_id, claimed.study_instance_uid, claimed.attempt)
         prepared, headers, seconds, study = self._inputs(claimed)
-        progress = LogLines(log, prefix=f"job {claimed.job_id}: ")
+        progress = JobStages(self.db, claimed.job_id, self.id)
         lacking = [v for v in VIEWS if v not in prepared]
         options = self.options
         if lacking:  # queued by study.incomplete_policy = "image_wise" or `mammonode process`
@@ -155,7 +178,7 @@ class PipelineWorker(Loop):
         with self.db.session() as session:
             jobs.fail(session, claimed.job_id, self.id, error, self.cfg.worker.max_attempts, permanent=permanent)
             if unusable is not None and unusable.view is not None:
-                mark_unusable(session, claimed.study_id, unusable.view, str(unusable))
+                mark_unusable(session, claimed.study_id, unusable.view, self.patient_values.scrub(str(unusable)))
 
     # -- loop -----------------------------------------------------------------------------
     def started(self) -> None:
@@ -183,17 +206,19 @@ class PipelineWorker(Loop):
         if claimed is None:
             return False
         self.current_job = claimed.job_id
+        self.patient_values = PatientValues()
+        scrub = self.patient_values.scrub  # errors name attributes, never their values
         try:
             self.process(claimed)
         except JobSuperseded as exc:
             self._fail(claimed, str(exc), permanent=True)
         except (ImageInputError, WeightsError) as exc:
-            log.error("job %s failed: %s", claimed.job_id, exc)
+            log.error("job %s failed: %s", claimed.job_id, scrub(str(exc)))
             unusable = exc if isinstance(exc, ImageInputError) else None
-            self._fail(claimed, f"{type(exc).__name__}: {exc}", permanent=True, unusable=unusable)
+            self._fail(claimed, scrub(f"{type(exc).__name__}: {exc}"), permanent=True, unusable=unusable)
         except Exception as exc:
-            log.error("job %s failed: %s\n%s", claimed.job_id, exc, traceback.format_exc(limit=5))
-            self._fail(claimed, f"{type(exc).__name__}: {exc}", permanent=False)
+            log.error("job %s failed: %s\n%s", claimed.job_id, scrub(str(exc)), scrub(traceback.format_exc(limit=5)))
+            self._fail(claimed, scrub(f"{type(exc).__name__}: {exc}"), permanent=False)
         finally:
             self.current_job = None
         return True

@@ -18,6 +18,7 @@ from mammonode.config import Config
 from mammonode.db.session import Database
 from mammonode.ingest.stow import StowHandler
 from mammonode.web.auth import BearerAuth
+from mammonode.web.connections import guarded_protocol
 from mammonode.web.metrics import attach_database, metrics
 from mammonode.web.qido import Qido
 from mammonode.web.status import StatusEndpoints
@@ -28,7 +29,14 @@ log = logging.getLogger(__name__)
 
 def create_app(cfg: Config, db: Database) -> Starlette:
     base_url = cfg.dicomweb.base_url
-    stow = StowHandler(cfg.storage_dir, db, base_url)
+    stow = StowHandler(
+        cfg.storage_dir,
+        db,
+        base_url,
+        max_request_bytes=cfg.dicomweb.max_request_bytes,
+        max_parts=cfg.dicomweb.max_parts,
+        body_timeout_s=cfg.dicomweb.body_timeout_s,
+    )
     qido = Qido(cfg.storage_dir, db, base_url)
     wado = Wado(cfg.storage_dir, db, base_url)
     status = StatusEndpoints(cfg, db)
@@ -72,6 +80,8 @@ class WebServer:
             ssl_certfile=web.tls_cert or None,
             ssl_keyfile=web.tls_key or None,
             access_log=False,
+            http=guarded_protocol(web.head_timeout_s, web.max_connections),
+            timeout_keep_alive=web.keep_alive_timeout_s,
         )
         self.server = uvicorn.Server(self.config)
         self.thread: threading.Thread | None = None

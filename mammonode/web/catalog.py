@@ -3,7 +3,6 @@ the header attributes that QIDO-RS matches and returns."""
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -99,9 +98,37 @@ def entries(session: Session, storage_dir: Path, study_uid: str | None = None) -
     return out
 
 
+#: Bounds on a QIDO-RS match value (checked by the handler; 400 beyond them).
+MAX_MATCH_CHARS = 4096
+MAX_WILDCARDS = 16
+
+
+def _wildcard(value: str, pattern: str) -> bool:
+    """PS3.4 C.2.2.2.4 wildcard matching: ``*`` any run, ``?`` one character, every other
+    character literal (no ``[...]`` classes). Backtracks at most to the last ``*``, so it
+    takes O(len(value) * len(pattern)) whatever the pattern."""
+    v = p = 0
+    star, mark = -1, 0
+    while v < len(value):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark = p, v
+            p += 1
+        elif p < len(pattern) and (pattern[p] == "?" or pattern[p] == value[v]):
+            v += 1
+            p += 1
+        elif star >= 0:
+            mark += 1
+            v, p = mark, star + 1
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
+
+
 def _match_text(value: str, pattern: str) -> bool:
     if "*" in pattern or "?" in pattern:
-        return fnmatch.fnmatchcase(value, pattern)
+        return _wildcard(value, pattern)
     return value == pattern
 
 

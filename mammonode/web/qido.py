@@ -11,25 +11,65 @@ from starlette.responses import Response
 from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
 from mammonode.web import catalog
 
+MAX_LIMIT = 1000  # the most results one query returns; a larger ``limit`` is capped to it
+MAX_OFFSET = 10**9
+MAX_FILTERS = 32
+
+
+class QueryError(ValueError):
+    """A QIDO-RS query the node does not answer (400)."""
+
+
+def _count(key: str, value: str, cap: int) -> int:
+    value = value.strip()
+    if not value.isascii() or not value.isdigit():
+        raise QueryError(f"{key} must be a non-negative integer")
+    return cap if len(value) > len(str(cap)) else min(int(value), cap)
+
+
+def _bad_query(exc: QueryError) -> Response:
+    return Response(json.dumps({"error": str(exc)}), status_code=400, media_type="application/json")
+
+
+def _answer(handler):
+    """Run a QIDO handler, answering 400 for a query it does not take."""
+
+    def wrapped(self, request: Request) -> Response:
+        try:
+            return handler(self, request)
+        except QueryError as exc:
+            return _bad_query(exc)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
 
 class Qido(catalog.Catalog):
     def _filters(self, request: Request) -> tuple[dict[str, str], int, int]:
         from pydicom.datadict import keyword_for_tag
 
-        filters, limit, offset = {}, 1000, 0
+        filters, limit, offset = {}, MAX_LIMIT, 0
         for key, value in request.query_params.multi_items():
             if key == "limit":
-                limit = max(0, int(value))
+                limit = _count(key, value, MAX_LIMIT)
             elif key == "offset":
-                offset = max(0, int(value))
+                offset = _count(key, value, MAX_OFFSET)
             elif key in ("includefield", "fuzzymatching"):
                 continue
             else:
                 if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
                     key = keyword_for_tag(int(key, 16)) or key
+                if len(value) > catalog.MAX_MATCH_CHARS:
+                    raise QueryError(f"match value for {key[:64]} longer than {catalog.MAX_MATCH_CHARS} characters")
+                if value.count("*") + value.count("?") > catalog.MAX_WILDCARDS:
+                    raise QueryError(f"match value for {key[:64]} has more than {catalog.MAX_WILDCARDS} wildcards")
                 filters[key] = value
+        if len(filters) > MAX_FILTERS:
+            raise QueryError(f"more than {MAX_FILTERS} match keys")
         return filters, limit, offset
 
+    @_answer
     def studies(self, request: Request) -> Response:
         filters, limit, offset = self._filters(request)
         base = dicomweb_base(request, self.base_url)
@@ -47,6 +87,7 @@ class Qido(catalog.Catalog):
             out.append(ds.to_json_dict())
         return Response(json.dumps(out[offset : offset + limit]), media_type=DICOM_JSON)
 
+    @_answer
     def series(self, request: Request) -> Response:
         study_uid = request.path_params["study"]
         filters, limit, offset = self._filters(request)
@@ -65,6 +106,7 @@ class Qido(catalog.Catalog):
             out.append(ds.to_json_dict())
         return Response(json.dumps(out[offset : offset + limit]), media_type=DICOM_JSON)
 
+    @_answer
     def instances(self, request: Request) -> Response:
         study_uid = request.path_params["study"]
         series_uid = request.path_params.get("series")

@@ -104,7 +104,9 @@ def test_worker_killed_mid_job_is_recovered_and_results_go_out_once(node_factory
         )
         time.sleep(3)
         received = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in scp.files())
-        assert received == sorted(r["sop_instance_uid"] for r in detail["results"])
+        # Every object routed to the archive, once (the CAD SR is kept, not sent: test weights).
+        routed = [r["sop_instance_uid"] for r in detail["results"] if r["deliveries"]]
+        assert received == sorted(routed) and any(r["kind"] == "cad_sr" for r in detail["results"])
     finally:
         scp.stop()
         for proc in (first, locals().get("second")):
@@ -225,6 +227,7 @@ def test_destination_rejecting_then_failing_then_accepting(node_factory, tmp_pat
         pacs.mode = "store"
         node.wait_for(lambda: all(d["state"] == "delivered" for d in rows()), 60, what="delivered once accepted")
         time.sleep(3)
-        assert sorted(pacs.stored) == sorted(r["sop_instance_uid"] for r in node.study(uid)["results"])
+        sent = [r["sop_instance_uid"] for r in node.study(uid)["results"] if r["deliveries"]]  # not the CAD SR
+        assert sorted(pacs.stored) == sorted(sent)
     finally:
         pacs.server.shutdown()

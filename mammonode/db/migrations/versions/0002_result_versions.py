@@ -1,5 +1,6 @@
 """result versions: the version key of each result object, the study's current version, and
-this installation's identity (Device Observer UID, serial number) kept for its results
+this installation's identity (Device Observer UID, serial number) kept for its results, and
+a running job's current stage
 
 Revision ID: 0002
 Revises: 0001
@@ -20,6 +21,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("version_key", sa.String(length=64), nullable=True))
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.add_column(sa.Column("result_version", sa.String(length=64), nullable=True))
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("stage", sa.String(length=32), nullable=True))
     op.create_table(
         "installation",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -32,6 +35,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("installation")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("stage")
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.drop_column("result_version")
     with op.batch_alter_table("result_objects", schema=None) as batch_op:
