@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from support.dicom import send_datasets, storescu
 from support.node import cli, cli_json
-from support.paths import need_shared, need_tool
+from support.paths import need_shared, need_tool, temp_files
 
 from mammonode.demo.phantom import exam_datasets
 
@@ -169,7 +169,7 @@ def test_disk_full_returns_a700_and_node_keeps_serving(node_factory, tmp_path):
             timeout=30,
         )
         assert echo.returncode == 0
-        assert not list((mount / "storage" / "tmp").glob("*")), "temporary file left behind"
+        assert not temp_files(mount / "storage"), "temporary file left behind"
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
         storescu(node.port, density[1:2])
         detail = node.study(_uid(density[0]))

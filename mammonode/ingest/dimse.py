@@ -77,12 +77,17 @@ def spool_into(spool_dir: Path) -> None:
     ensure_dir(spool_dir)
 
     def spool_file(*args, **kwargs):
-        kwargs["dir"] = str(spool_dir)
         try:
-            return tempfile.NamedTemporaryFile(*args, **kwargs)
+            return tempfile.NamedTemporaryFile(*args, **kwargs, dir=str(spool_dir))
         except FileNotFoundError:  # the spool directory was removed under us
-            os.makedirs(spool_dir, exist_ok=True)
-            return tempfile.NamedTemporaryFile(*args, **kwargs)
+            try:
+                os.makedirs(spool_dir, exist_ok=True)
+                return tempfile.NamedTemporaryFile(*args, **kwargs, dir=str(spool_dir))
+            except OSError:
+                pass
+        except OSError:  # storage read-only or full: spool where pynetdicom would, so the
+            pass  # C-STORE handler still runs and answers its failure status (0xA700)
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
 
     dimse_messages.NamedTemporaryFile = functools.update_wrapper(spool_file, tempfile.NamedTemporaryFile)
 
@@ -371,8 +376,14 @@ class DimseListener:
         while time.monotonic() < deadline and busy():
             time.sleep(0.1)
         self.accepting = False
-        for assoc in list(server.active_associations):
+        aborted = list(server.active_associations)
+        for assoc in aborted:
             assoc.abort()
+        for assoc in aborted:
+            assoc.join(timeout=5)
         self.server = None
         self._sweeping.set()
+        # No association is left: every spool file now belongs to a transfer that was cut
+        # short (never acknowledged), so none outlives the listener.
+        self.sweep_spool(now=time.time() + self.spool_max_age() + 1)
         log.info("DIMSE listener stopped")

@@ -39,6 +39,17 @@ MAX_PART_HEADERS = 32
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
+def _spool_folder(tmp_root: Path) -> tempfile.TemporaryDirectory:
+    """The request's spool folder under the storage directory's tmp/ (start-up recovery cleans
+    it); the system's temporary directory when storage is read-only or full, so each part is
+    still parsed and refused with its own failure status (0xA700) instead of the request
+    failing as a whole."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="stow-", dir=tmp_root, ignore_cleanup_errors=True)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="mammonode-stow-", ignore_cleanup_errors=True)
+
+
 class RequestRefused(Exception):
     """The request as a whole is refused before its parts are stored (HTTP ``status``)."""
 
@@ -209,7 +220,7 @@ class StowHandler:
         # Closed before the body is read in full: tell the client (and uvicorn) the
         # connection ends here.
         close = {"Connection": "close"}
-        with tempfile.TemporaryDirectory(prefix="stow-", dir=tmp_root, ignore_cleanup_errors=True) as tmp:
+        with _spool_folder(tmp_root) as tmp:
             try:
                 parts = await self._spool_parts(request, Path(tmp))
             except RequestRefused as exc:

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from support.dicom import send_datasets
 from support.node import NodeProcess, cli_json
-from support.paths import need_tool
+from support.paths import need_tool, temp_files
 
 from mammonode.demo.phantom import exam_datasets
 from mammonode.ingest.layout import files_below
@@ -116,7 +116,7 @@ def rows_match_files(node) -> None:
         paths = {row[0] for row in db.execute("select path from instances")}
     files = {str(p.relative_to(node.storage)) for p in (node.storage / "instances").rglob("*") if p.is_file()}
     assert paths == files
-    assert not list((node.storage / "tmp").glob("*"))
+    assert not temp_files(node.storage)
 
 
 @contextmanager
@@ -313,7 +313,7 @@ def test_storage_remounted_read_only_refuses_every_store_and_resumes(node_factor
         assert stow(node, exam[2:3])[0] == 200
         assert recorded(node, study_uid) == {str(ds.SOPInstanceUID) for ds in exam[:3]}
         assert stored_sop_uids(node.storage) == recorded(node, study_uid)
-        assert not list((node.storage / "tmp").glob("*"))
+        assert not temp_files(node.storage)
         node.stop()
 
 

@@ -11,7 +11,7 @@ import time
 import pydicom
 import pytest
 from support.dicom import send_datasets
-from support.paths import REPO, need_shared, need_tool
+from support.paths import REPO, need_shared, need_tool, temp_files
 from support.peers import StoreSCP
 
 from mammonode.demo.loopback import free_port
@@ -28,7 +28,7 @@ def _consistent(node) -> tuple[int, int]:
     db.close()
     files = {str(p.relative_to(node.storage)) for p in (node.storage / "instances").rglob("*") if p.is_file()}
     assert paths == files
-    assert not [p for p in (node.storage / "tmp").glob("*")] if (node.storage / "tmp").exists() else True
+    assert not temp_files(node.storage)
     return len(paths), len(files)
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import make_exams  # noqa: E402  (the benchmarks make their studies the same way)
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from support.paths import need_shared, need_tool
+from support.paths import need_shared, need_tool, temp_files
 from support.pki import make_pki
 
 pytestmark = pytest.mark.network
@@ -191,7 +191,7 @@ def test_sigterm_during_a_long_association_half_stores_nothing(node_factory, tmp
     files_on_disk = {str(p.relative_to(node.storage)) for p in (node.storage / "instances").rglob("*") if p.is_file()}
     assert rows == files_on_disk, "half-stored instance"
     assert len(rows) >= acknowledged, "success answered for an instance that is not stored"
-    assert not list((node.storage / "tmp").glob("*")) if (node.storage / "tmp").exists() else True
+    assert not temp_files(node.storage)
 
 
 def test_systemd_unit_hardening_score():

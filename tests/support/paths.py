@@ -35,3 +35,10 @@ def need_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def temp_files(storage: Path) -> list[Path]:
+    """Files under the storage directory's tmp/ (unfinished writes, STOW-RS and C-STORE
+    spools); its sub-folders themselves may stay."""
+    tmp = storage / "tmp"
+    return sorted(p for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else []
