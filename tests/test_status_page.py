@@ -4,14 +4,9 @@ headless Chromium draws it at two common screen sizes (screenshots in artifacts/
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
-from support.paths import need_tool
+from support.browser import screenshot
 from test_state_machines import (
     Attempt,
     claimed_job,
@@ -77,9 +72,6 @@ def test_status_page_separates_failing_now_marks_test_weights_and_hides_phi(db):
 
 
 def test_status_page_in_chromium_at_1280x800_and_1920x1080(db, tmp_path, artifacts):
-    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
-    if chromium is None:
-        need_tool("chromium")
     populated(db)
     for _ in range(20):  # a page with a full table of done studies
         study_id, job_id = claimed_job(db, "w1")
@@ -89,29 +81,7 @@ def test_status_page_in_chromium_at_1280x800_and_1920x1080(db, tmp_path, artifac
     page.write_text(render_status_page(Config(), db))
     for width, height in ((1280, 800), (1920, 1080)):
         shot = artifacts / f"status-page-{width}x{height}.png"
-        shot.unlink(missing_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            run = subprocess.run(
-                [
-                    chromium,
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--hide-scrollbars",
-                    f"--user-data-dir={profile}",
-                    f"--window-size={width},{height}",
-                    f"--screenshot={shot}",
-                    Path(page).as_uri(),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        assert shot.exists(), run.stderr[-2000:]
+        screenshot(page.as_uri(), shot, width, height)
         pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
         assert pixels.shape[:2] == (height, width)
         assert pixels.std() > 10, "blank screenshot"
