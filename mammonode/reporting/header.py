@@ -85,6 +85,30 @@ def referenced_requests(sources: Sequence[Dataset]) -> list[Dataset]:
     return list(seen.values())
 
 
+def hierarchical_references(datasets: Iterable[Dataset]) -> list[Dataset]:
+    """The Hierarchical SOP Instance Reference Macro over ``datasets``: one item per study,
+    its series, their SOP instances (Current Requested Procedure Evidence, Predecessor
+    Documents)."""
+    by_study: dict[str, dict[str, list[Dataset]]] = {}
+    for ds in datasets:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        by_study.setdefault(str(ds.StudyInstanceUID), {}).setdefault(str(ds.SeriesInstanceUID), []).append(ref)
+    items = []
+    for study_uid, series in by_study.items():
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        item.ReferencedSeriesSequence = []
+        for series_uid, refs in series.items():
+            series_item = Dataset()
+            series_item.SeriesInstanceUID = series_uid
+            series_item.ReferencedSOPSequence = refs
+            item.ReferencedSeriesSequence.append(series_item)
+        items.append(item)
+    return items
+
+
 def performed_procedure_codes(sources: Sequence[Dataset]) -> list[Dataset]:
     """The study's procedure code (Procedure Code Sequence of the sources) when known."""
     for ds in sources:

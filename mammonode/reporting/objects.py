@@ -20,7 +20,7 @@ from mammonode.exam.views import VIEWS
 from mammonode.pipeline.images import PreparedView
 from mammonode.pipeline.run import PipelineResult
 from mammonode.reporting.content import missing_views
-from mammonode.reporting.header import PREDICT_EQUIPMENT, Equipment
+from mammonode.reporting.header import PREDICT_EQUIPMENT, Equipment, hierarchical_references
 from mammonode.reporting.images import result_images
 from mammonode.reporting.repair import repaired
 from mammonode.reporting.secondary_capture import SourceImage
@@ -161,21 +161,4 @@ def _has_value_type(item: Dataset, value_type: str) -> bool:
 def set_predecessors(sr: Dataset, previous: Sequence[Dataset]) -> None:
     """Predecessor Documents Sequence (0040,A360): the SRs this one supersedes, as
     study / series / SOP references (Hierarchical SOP Instance Reference Macro)."""
-    by_study: dict[str, dict[str, list[Dataset]]] = {}
-    for ds in previous:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        by_study.setdefault(str(ds.StudyInstanceUID), {}).setdefault(str(ds.SeriesInstanceUID), []).append(ref)
-    items = []
-    for study_uid, series in by_study.items():
-        item = Dataset()
-        item.StudyInstanceUID = study_uid
-        item.ReferencedSeriesSequence = []
-        for series_uid, refs in series.items():
-            series_item = Dataset()
-            series_item.SeriesInstanceUID = series_uid
-            series_item.ReferencedSOPSequence = refs
-            item.ReferencedSeriesSequence.append(series_item)
-        items.append(item)
-    sr.PredecessorDocumentsSequence = items
+    sr.PredecessorDocumentsSequence = hierarchical_references(previous)

@@ -24,7 +24,6 @@ class probabilities have no place in TID 4000 (not extensible); they stay in the
 from __future__ import annotations
 
 import datetime
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ from mammonode.reporting.header import (
     PREDICT_EQUIPMENT,
     Equipment,
     contributing_equipment,
+    hierarchical_references,
     performed_procedure_codes,
     referenced_requests,
     set_equipment,
@@ -369,24 +369,6 @@ _TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyD
 _TYPE_2 += ("ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
-    series: dict[str, list[Dataset]] = defaultdict(list)
-    for ds in sources:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        series[str(ds.SeriesInstanceUID)].append(ref)
-    study = Dataset()
-    study.StudyInstanceUID = sources[0].StudyInstanceUID
-    study.ReferencedSeriesSequence = []
-    for uid, refs in series.items():
-        item = Dataset()
-        item.SeriesInstanceUID = uid
-        item.ReferencedSOPSequence = refs
-        study.ReferencedSeriesSequence.append(item)
-    return [study]
-
-
 def build_cad_sr(
     result: PipelineResult,
     sources: Sequence[Dataset],
@@ -434,7 +416,7 @@ def build_cad_sr(
     ds.ContentTime = ds.InstanceCreationTime
     ds.ReferencedRequestSequence = referenced_requests(sources)
     ds.PerformedProcedureCodeSequence = performed_procedure_codes(sources)
-    ds.CurrentRequestedProcedureEvidenceSequence = _evidence(sources)
+    ds.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(sources)
     ds.ContributingEquipmentSequence = contributing_equipment(all_algorithms(result), equipment)
     root = encode(content_tree(result, sources), "4000")
     for element in root:
