@@ -118,7 +118,7 @@ def main() -> None:
                 tmp / f"{mode}.toml",
                 port,
                 tmp / f"storage-{mode}",
-                f'[dicomweb]\nhost = "127.0.0.1"\nport = {web_port}\n',
+                f'[dicomweb]\nenabled = true\nallow_anonymous = true\nhost = "127.0.0.1"\nport = {web_port}\n',
             )
             node = subprocess.Popen([sys.executable, "-m", "mammonode.cli", "serve", "--config", str(config)], cwd=REPO)
             wait_port(port)

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -51,10 +52,12 @@ class NodeSection:
 
 @dataclass
 class DicomwebSection:
-    enabled: bool = True
+    # Off by default: turning it on asks for a token, or for allow_anonymous (see _validate).
+    enabled: bool = False
     host: str = "0.0.0.0"
     port: int = 8080
     token: str = ""  # when set, every request needs "Authorization: Bearer <token>"
+    allow_anonymous: bool = False  # enabled with no token: refused at start unless this says so
     tls_cert: str = ""
     tls_key: str = ""
     base_url: str = ""  # public URL of this service for RetrieveURL; empty: from the request
@@ -65,11 +68,30 @@ class DicomwebSection:
     keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
     max_connections: int = 256  # open HTTP connections; beyond it the longest-idle one is closed
     status_page_phi: bool = False  # the status page shows study date and accession (and full UIDs)
+    # JWT access tokens (OIDC single sign-on), besides or instead of the token: on when jwks_url or
+    # jwks_file is set; then jwt_issuer and jwt_audience are required (see web/oidc.py).
+    jwks_url: str = ""  # the identity provider's JWKS, fetched and cached for jwks_cache_s
+    jwks_file: str = ""  # or a local JWKS file (re-read when it changes)
+    jwks_cache_s: float = 300.0
+    jwt_issuer: str = ""  # the "iss" every token must carry
+    jwt_audience: str = ""  # the "aud" every token must carry (one of them, when it is a list)
+    jwt_algorithms: list[str] = field(default_factory=lambda: ["RS256", "ES256"])  # asymmetric only
+    jwt_leeway_s: float = 30.0  # clock skew allowed on exp, nbf and iat
+    scope_claim: str = "scope"  # space-separated string or list; "scope" also accepts "scp"
+
+    @property
+    def oidc(self) -> bool:
+        """Whether JWT access tokens are accepted."""
+        return bool(self.jwks_url.strip() or self.jwks_file.strip())
 
 
 @dataclass
 class StorageSection:
     directory: str = "/var/lib/mammonode"
+    # A Deflated Explicit VR Little Endian data set (C-STORE or STOW-RS) is inflated in chunks into
+    # <directory>/tmp and stored inflated; one inflating beyond this is refused (0xC002) before any
+    # of it is written. Guards against deflate bombs (~1000:1); raise it for deflated multi-frame objects.
+    max_inflated_bytes: int = 1 << 30
 
 
 @dataclass
@@ -100,6 +122,9 @@ class PipelineSection:
     precision: str = "fp32"
     heatmap_batch: int = 8
     threads: int = 0  # 0: all CPUs this process may use
+    # An input image (Rows x Columns, and what a compressed frame's own header declares) larger than
+    # this is refused before decoding, so a frame declaring gigapixels never reaches a decoder.
+    max_pixels: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -118,6 +143,10 @@ class DeliverySection:
     backoff_initial_s: float = 30.0
     backoff_max_s: float = 3600.0
     poll_interval_s: float = 2.0
+    # How long a destination may stay silent (association, each C-STORE response, each STOW-RS
+    # read) before the attempt fails and is retried with backoff; each destination has its own
+    # sender, so a hung one holds up only itself.
+    timeout_s: float = 60.0
 
 
 # What a destination may receive: the TID 1500 SR, the Mammography CAD SR, Parametric Maps,
@@ -148,6 +177,60 @@ class Destination:
         return "dicomweb" if self.url else "dimse"
 
 
+# Events a [[notify]] webhook may be sent (service/notifier.py says what each carries).
+NOTIFY_EVENTS = ("result.ready", "study.failed", "study.incomplete", "delivery.failed")
+
+
+@dataclass
+class NotifyHook:
+    """A webhook: a JSON POST to ``url`` for each event it lists, retried with the
+    [delivery] backoff. Patient ID, name and accession number only with ``include_phi``."""
+
+    name: str
+    url: str
+    events: list[str] = field(default_factory=lambda: list(NOTIFY_EVENTS))
+    secret: str = ""  # when set: X-Mammonode-Signature, an HMAC-SHA256 over timestamp and body
+    include_phi: bool = False
+    timeout_s: float = 10.0  # connect and each read; a slower hook fails the attempt
+    max_attempts: int = 8  # attempts per event before it is given up (logged, an ERROR event)
+
+
+# Routing rules ([[rules]]): what each received instance is for. First match wins; an
+# implicit last rule named "default" processes whatever no rule matched (today's behaviour).
+RULE_ACTIONS = ("process", "store", "drop")
+DEFAULT_RULE = "default"
+# A rule's match keys and the DICOM keyword each reads; "calling_ae" is the association's
+# calling AE title (never set for STOW-RS, so a rule naming it never matches those).
+RULE_ATTRIBUTES: dict[str, str | None] = {
+    "calling_ae": None,
+    "modality": "Modality",
+    "sop_class_uid": "SOPClassUID",
+    "presentation_intent_type": "PresentationIntentType",
+    "body_part_examined": "BodyPartExamined",
+    "manufacturer": "Manufacturer",
+    "station_name": "StationName",
+    "view_position": "ViewPosition",
+    "image_laterality": "ImageLaterality",
+}
+MAX_AGE_YEARS = 999  # Patient's Age (AS) holds at most three digits
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[rules]]`` table: conditions (all must hold) and the action when they do.
+    ``match`` maps a key of RULE_ATTRIBUTES to case-sensitive fnmatch patterns, any of which
+    may match; ``patient_age`` is an inclusive range of completed years."""
+
+    name: str
+    action: str = "process"
+    match: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    patient_age: tuple[int, int] | None = None
+
+    @property
+    def matches_everything(self) -> bool:
+        return not self.match and self.patient_age is None
+
+
 @dataclass
 class LoggingSection:
     level: str = "INFO"
@@ -156,6 +239,10 @@ class LoggingSection:
 
 
 SC_COMPRESSIONS = ("jpeg2000", "jpegls", "rle", "jpeg", "none")
+
+# Signature algorithms a JWT access token may use: public-key ones only, so a JWKS (public keys)
+# can never be used as an HMAC secret, and "none" is never among them.
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
 @dataclass
@@ -199,6 +286,8 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     results: ResultsSection = field(default_factory=ResultsSection)
     destinations: list[Destination] = field(default_factory=list)
+    notify: list[NotifyHook] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=lambda: [Rule(DEFAULT_RULE)])
     source: str = "<defaults>"
 
     @property
@@ -325,6 +414,149 @@ def _destination(raw: Any, index: int) -> Destination:
     return dest
 
 
+def _notify_hook(raw: Any, index: int) -> NotifyHook:
+    where = f"notify[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    defaults = NotifyHook(name="", url="")
+    known = {f.name for f in fields(NotifyHook)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+    for key in ("name", "url"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: missing")
+    hook = NotifyHook(
+        **{key: _from_toml(value, getattr(defaults, key), f"{where}.{key}") for key, value in raw.items()}
+    )
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", hook.name):
+        raise ConfigError(f"{where}.name: letters, digits, '.', '_' and '-' only, got {hook.name!r}")
+    try:
+        parts = urlsplit(hook.url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or bracketed host
+        valid = False
+    if not valid:
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL with a host, got {hook.url!r}")
+    unknown = [e for e in hook.events if e not in NOTIFY_EVENTS]
+    if unknown or not hook.events:
+        raise ConfigError(f"{where}.events: a non-empty list of {', '.join(NOTIFY_EVENTS)}, got {hook.events!r}")
+    if hook.timeout_s <= 0:
+        raise ConfigError(f"{where}.timeout_s: must be positive, got {hook.timeout_s}")
+    if hook.max_attempts < 1:
+        raise ConfigError(f"{where}.max_attempts: must be at least 1, got {hook.max_attempts}")
+    return hook
+
+
+def _validate_jwks_file(path: str) -> None:
+    """A JWKS file that cannot serve is a start-up error, not a 503 on every request."""
+    import json
+
+    from jwt import PyJWKSet, PyJWTError
+
+    try:
+        PyJWKSet.from_dict(json.loads(Path(path).read_text()))
+    except OSError as exc:
+        raise ConfigError(f"dicomweb.jwks_file: cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, AttributeError, PyJWTError) as exc:
+        raise ConfigError(f"dicomweb.jwks_file: {path} is not a JWKS with a usable key: {exc}") from None
+
+
+def _validate_jwt(web: DicomwebSection) -> None:
+    if not web.oidc:
+        if web.jwt_issuer or web.jwt_audience:
+            raise ConfigError("dicomweb.jwks_url: jwt_issuer/jwt_audience are set but no jwks_url or jwks_file")
+        return
+    if web.jwks_url.strip() and web.jwks_file.strip():
+        raise ConfigError("dicomweb.jwks_file: set jwks_url or jwks_file, not both")
+    for key in ("jwt_issuer", "jwt_audience", "scope_claim"):
+        if not getattr(web, key).strip():
+            raise ConfigError(f"dicomweb.{key}: required when JWT access tokens are on (jwks_url or jwks_file)")
+    if web.jwks_url and not re.match(r"^https?://[^/?#\s]+", web.jwks_url):
+        raise ConfigError(f"dicomweb.jwks_url: expected an https:// (or http://) URL, got {web.jwks_url!r}")
+    bad = [a for a in web.jwt_algorithms if a not in JWT_ALGORITHMS]
+    if bad or not web.jwt_algorithms:
+        raise ConfigError(
+            f"dicomweb.jwt_algorithms: a non-empty list of {', '.join(JWT_ALGORITHMS)}"
+            f" (asymmetric only; never none or HS*), got {web.jwt_algorithms!r}"
+        )
+    if web.jwks_cache_s <= 0:
+        raise ConfigError(f"dicomweb.jwks_cache_s: must be positive, got {web.jwks_cache_s}")
+    if not 0 <= web.jwt_leeway_s <= 300:
+        raise ConfigError(f"dicomweb.jwt_leeway_s: 0-300 seconds, got {web.jwt_leeway_s}")
+    if web.jwks_file:
+        _validate_jwks_file(web.jwks_file)
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(
+            f"{where}: expected a value or a non-empty list of values (exact, or fnmatch patterns with * ? [...]),"
+            f" got {value!r}"
+        )
+    return tuple(v.strip() for v in values)
+
+
+def _age_range(value: Any, where: str) -> tuple[int, int]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 0 <= value[0] <= value[1] <= MAX_AGE_YEARS
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}: expected [min, max] in whole years, 0 <= min <= max <= {MAX_AGE_YEARS}, got {value!r}"
+        )
+    return value[0], value[1]
+
+
+def _rule(raw: Any, index: int) -> Rule:
+    where = f"rules[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a [[rules]] table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+        raise ConfigError(f"{where}.name: required; letters, digits, '.', '_' and '-' only, got {name!r}")
+    where = f"rules[{index}] ({name})"
+    if name == DEFAULT_RULE:
+        raise ConfigError(f"{where}.name: {DEFAULT_RULE!r} is the implicit last rule's; choose another name")
+    known = {"name", "action", "patient_age", *RULE_ATTRIBUTES}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+    action = raw.get("action")
+    if action not in RULE_ACTIONS:
+        raise ConfigError(f"{where}.action: {', '.join(RULE_ACTIONS)}; got {action!r}")
+    match = {key: _patterns(raw[key], f"{where}.{key}") for key in RULE_ATTRIBUTES if key in raw}
+    age = _age_range(raw["patient_age"], f"{where}.patient_age") if "patient_age" in raw else None
+    return Rule(name=name, action=action, match=match, patient_age=age)
+
+
+def _rules(raw: Any) -> list[Rule]:
+    """The configured rules in order, then the implicit default unless the last one already
+    matches everything. A rule after one that matches everything could never apply: refused."""
+    if not isinstance(raw, list):
+        raise ConfigError("rules: expected an array of tables ([[rules]])")
+    rules = [_rule(item, i) for i, item in enumerate(raw)]
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        if rule.name in seen:
+            raise ConfigError(f"rules[{i}] ({rule.name}).name: also the name of rules[{seen[rule.name]}]")
+        seen[rule.name] = i
+    for i, rule in enumerate(rules[:-1]):
+        if rule.matches_everything:
+            later = rules[i + 1]
+            raise ConfigError(
+                f"rules[{i + 1}] ({later.name}): never applies, rules[{i}] ({rule.name}) has no conditions"
+                " and matches every instance"
+            )
+    if not rules or not rules[-1].matches_everything:
+        rules.append(Rule(DEFAULT_RULE))
+    return rules
+
+
 def _validate(cfg: Config) -> None:
     cfg.node.ae_title = _ae_title(cfg.node.ae_title, "node.ae_title")
     for i, aet in enumerate(cfg.node.allowed_calling_aets):
@@ -340,12 +572,22 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"dicomweb.{key}: must be positive, got {getattr(cfg.dicomweb, key)}")
     if cfg.dicomweb.max_connections < 2:
         raise ConfigError(f"dicomweb.max_connections: must be at least 2, got {cfg.dicomweb.max_connections}")
+    _validate_jwt(cfg.dicomweb)
+    web_auth = cfg.dicomweb.token.strip() or cfg.dicomweb.oidc or cfg.dicomweb.allow_anonymous
+    if cfg.dicomweb.enabled and not web_auth:
+        raise ConfigError(
+            "dicomweb.token: empty while dicomweb.enabled = true; set a token (or dicomweb.jwks_url for JWT"
+            " access tokens), or dicomweb.allow_anonymous = true to serve every client without one,"
+            " or dicomweb.enabled = false"
+        )
     if bool(cfg.dicomweb.tls_cert) != bool(cfg.dicomweb.tls_key):
         raise ConfigError("dicomweb.tls_key: tls_cert and tls_key go together")
     if cfg.node.tls and not (cfg.node.tls_cert and cfg.node.tls_key):
         raise ConfigError("node.tls_cert: required (with node.tls_key) when node.tls = true")
     if not cfg.storage.directory:
         raise ConfigError("storage.directory: must not be empty")
+    if cfg.storage.max_inflated_bytes <= 0:
+        raise ConfigError(f"storage.max_inflated_bytes: must be positive, got {cfg.storage.max_inflated_bytes}")
     if cfg.database.url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", cfg.database.url):
         raise ConfigError(f"database.url: expected sqlite:/// or postgresql+psycopg:// URL, got {cfg.database.url!r}")
     if cfg.study.quiet_period_s < 0:
@@ -358,12 +600,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"pipeline.device: auto, cpu, cuda or cuda:N, got {cfg.pipeline.device!r}")
     if cfg.pipeline.epochs < 1:
         raise ConfigError("pipeline.epochs: must be at least 1")
+    if cfg.pipeline.max_pixels < 1:
+        raise ConfigError(f"pipeline.max_pixels: must be at least 1, got {cfg.pipeline.max_pixels}")
     if cfg.pipeline.precision not in ("fp32", "bf16", "tf32"):
         raise ConfigError(f"pipeline.precision: fp32, bf16 or tf32, got {cfg.pipeline.precision!r}")
     if cfg.worker.concurrency < 1:
         raise ConfigError("worker.concurrency: must be at least 1")
     if cfg.worker.stale_after_s <= cfg.worker.heartbeat_interval_s:
         raise ConfigError("worker.stale_after_s: must be longer than worker.heartbeat_interval_s")
+    if cfg.delivery.timeout_s <= 0:
+        raise ConfigError(f"delivery.timeout_s: must be positive, got {cfg.delivery.timeout_s}")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"logging.level: DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
     if not 0.0 <= cfg.results.heatmap_threshold <= 1.0:
@@ -373,6 +619,9 @@ def _validate(cfg: Config) -> None:
     names = [d.name for d in cfg.destinations]
     if len(names) != len(set(names)):
         raise ConfigError("destinations: names must be unique")
+    hooks = [h.name for h in cfg.notify]
+    if len(hooks) != len(set(hooks)):
+        raise ConfigError("notify: names must be unique")
 
 
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -392,14 +641,20 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         raise ConfigError(f"{path}: config file not found")
     cfg = Config(source=str(path) if path.exists() else "<defaults>")
     for key in raw:
-        if key not in _SECTIONS and key != "destinations":
-            raise ConfigError(f"{key}: unknown section (known: {', '.join([*_SECTIONS, 'destinations'])})")
+        if key not in _SECTIONS and key not in ("destinations", "notify", "rules"):
+            known = ", ".join([*_SECTIONS, "destinations", "notify", "rules"])
+            raise ConfigError(f"{key}: unknown section (known: {known})")
     for name in _SECTIONS:
         section_raw = raw.get(name, {})
         if not isinstance(section_raw, dict):
             raise ConfigError(f"{name}: expected a table")
         setattr(cfg, name, _build_section(name, section_raw))
     cfg.destinations = [_destination(d, i) for i, d in enumerate(raw.get("destinations", []))]
+    hooks = raw.get("notify", [])
+    if not isinstance(hooks, list):
+        raise ConfigError("notify: expected an array of tables ([[notify]])")
+    cfg.notify = [_notify_hook(h, i) for i, h in enumerate(hooks)]
+    cfg.rules = _rules(raw.get("rules", []))
 
     prefix = "MAMMONODE_"
     for var, value in environ.items():

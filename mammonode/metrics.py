@@ -7,6 +7,16 @@ read from the database at scrape time are added by the web layer (web/metrics.py
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+
+def sop_class_label(uid: object) -> str:
+    """A peer chooses the SOP Class UID it sends: as a label value it must come from a
+    bounded set (each new value is a new time series kept for the life of the process), so
+    anything but a storage SOP class the standard registers counts as "other"."""
+    value = str(uid or "")
+    return value if uid_to_service_class(value) is StorageServiceClass else "other"
 
 
 class NodeMetrics:
@@ -16,6 +26,13 @@ class NodeMetrics:
             "mammonode_instances_received",
             "Instances received, by SOP class, outcome and listener",
             ["sop_class", "outcome", "listener"],
+            registry=self.registry,
+        )
+        # Label values come from the config alone (rule names and the three actions).
+        self.routed = Counter(
+            "mammonode_instances_routed",
+            "Instances received, by the routing rule ([[rules]]) they fell under and its action",
+            ["rule", "action"],
             registry=self.registry,
         )
         self.associations = Counter(

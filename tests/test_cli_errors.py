@@ -25,7 +25,7 @@ def one_line_error(result, code: int, *words: str) -> str:
 def node_config(tmp_path, **sections):
     base = {
         "node": {"host": "127.0.0.1", "port": free_port()},
-        "dicomweb": {"host": "127.0.0.1", "port": free_port()},
+        "dicomweb": {"enabled": True, "allow_anonymous": True, "host": "127.0.0.1", "port": free_port()},
         "storage": {"directory": str(tmp_path / "storage")},
         "worker": {"enabled": False},
         "logging": {"level": "WARNING"},

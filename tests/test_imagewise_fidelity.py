@@ -26,7 +26,7 @@ from support.paths import need_shared
 
 from mammonode.exam.orientation import Frame
 from mammonode.exam.views import VIEWS, angle
-from mammonode.pipeline import imagewise
+from mammonode.pipeline import imagewise, standardise
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import crop_breast
 from mammonode.pipeline.images import PreparedView
@@ -150,6 +150,7 @@ def test_crop_centres_and_stride_lists_exact_on_dicoms_and_pngs(iw_reference):
     """Crop and centre are the exam's; each grid is the first draw after its own seed, on
     the crop as acquired (the stride lists do not depend on the flip, the grid's anchor does)."""
     dicoms, _ = prepare_exam(density_dicoms())
+    crops: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {view: [] for view in VIEWS}
     for prepared in (dicoms, png_exam()):
         for view in VIEWS:
             expected = iw_reference["views"][view]
@@ -161,6 +162,19 @@ def test_crop_centres_and_stride_lists_exact_on_dicoms_and_pngs(iw_reference):
             assert list(best_center(crop, angle(view), info)) == expected["best_center"], view
             grid = imagewise.grid(crop.shape, seed=0)
             assert {"width": grid.width_strides, "length": grid.length_strides} == expected["stride_lists"], view
+            top, bottom, left, right = info.window_location
+            acquired = np.ascontiguousarray(prepared[view].image[top:bottom, left:right])  # the heatmaps' frame
+            crops[view].append((acquired, crop))  # and the classifier's
+    # The DICOM values are the PNG values x16, a power of two, which commutes exactly with
+    # float rounding: the crops as acquired standardise to the same bits and have the same
+    # all-background patches, so the PNGs' image-wise heatmaps and predictions are those of
+    # the DICOM run, which the slow tests below check against the reference.
+    for view, (dicom_crops, png_crops) in crops.items():
+        for dicom_crop, png_crop in zip(dicom_crops, png_crops, strict=True):
+            assert not np.array_equal(dicom_crop, png_crop)
+            for standardise_for in (standardise.for_heatmaps, standardise.for_classifier):
+                assert np.array_equal(standardise_for(dicom_crop), standardise_for(png_crop)), view
+            assert np.array_equal(dicom_crop != 0, png_crop != 0), view
 
 
 def test_imagewise_weights_load_strictly_and_name_the_first_mismatch(tmp_path, test_weights_dir):
@@ -220,7 +234,8 @@ def test_image_only_single_pass_on_pngs_matches_reference(iw_reference, test_wei
     """The PNG inputs through the image-wise classifier: crop, centre and a single pass of the
     image-only image-wise model on each PNG view, against the reference. (The PNGs' image-wise
     heatmaps and augmented predictions matched the reference within 2.4e-7 and 1.7e-7 when run
-    in full; CI runs them on the DICOM inputs only, to stay within its time budget.)"""
+    in full; CI runs them on the DICOM inputs, whose standardised crops are the PNGs' bit for
+    bit, as the crop test above shows.)"""
     prepared = png_exam()
     model = load_model("image_only_imagewise", test_weights_dir)
     images = {}

@@ -17,6 +17,7 @@ from support.node import cli
 from support.paths import need_shared
 
 from mammonode.exam.views import VIEWS, angle
+from mammonode.pipeline import standardise
 from mammonode.pipeline.centers import best_center
 from mammonode.pipeline.crop import crop_breast
 from mammonode.pipeline.images import prepare_png
@@ -34,6 +35,7 @@ def test_crop_centres_and_strides_exact_on_dicoms_and_pngs(reference):
     dicoms, _ = prepare_exam(density_dicoms())
     folder = need_shared("samples", "png", "density-exam")
     pngs, _ = prepare_exam(png_specs=[f"{v}={folder / (v + '.png')}" for v in VIEWS], png_mirrored=["R-CC", "R-MLO"])
+    crops: dict[str, list[np.ndarray]] = {view: [] for view in VIEWS}
     for prepared in (dicoms, pngs):
         for view in VIEWS:
             image = prepared[view].image
@@ -41,8 +43,18 @@ def test_crop_centres_and_strides_exact_on_dicoms_and_pngs(reference):
             assert info.as_dict() == reference["views"][view]["crop"], view
             top, bottom, left, right = info.window_location
             cropped = image[top:bottom, left:right]
-            cropped = cropped[:, ::-1] if view.startswith("R") else cropped
+            cropped = np.ascontiguousarray(cropped[:, ::-1] if view.startswith("R") else cropped)
             assert list(best_center(cropped, angle(view), info)) == reference["views"][view]["best_center"], view
+            crops[view].append(cropped)
+    # A power-of-two scale commutes exactly with float rounding: both inputs standardise to
+    # the same bits, and the patch grid's all-background test (raw != 0) agrees. So the
+    # PNGs' heatmaps (and image+heatmaps predictions) are the DICOM run's, which are checked
+    # against the reference; the PNG run (conftest) checks every other stage end to end.
+    for view, (dicom_crop, png_crop) in crops.items():
+        assert not np.array_equal(dicom_crop, png_crop)
+        for standardise_for in (standardise.for_heatmaps, standardise.for_classifier, standardise.for_density):
+            assert np.array_equal(standardise_for(dicom_crop), standardise_for(png_crop)), (view, standardise_for)
+        assert np.array_equal(dicom_crop != 0, png_crop != 0), view
     # The DICOM instances hold the PNG values x16 (12 bits stored), the right views un-mirrored.
     for view in VIEWS:
         assert np.array_equal(dicoms[view].image, pngs[view].image * 16)
@@ -62,11 +74,14 @@ def test_crop_and_centre_exact_on_nyu_cc_images(reference, name):
     assert list(best_center(cropped, "CC", info)) == expected["best_center"]
 
 
-def _check_run(run: dict, reference: dict) -> None:
+def _check_run(run: dict, reference: dict, heatmaps: bool = True) -> None:
+    """``heatmaps=False``: a run without the patch model (no heatmaps, no image+heatmaps)."""
     for view in VIEWS:
         ours, ref = run["views"][view], reference["views"][view]
         assert ours["crop"] == ref["crop"], view
         assert ours["best_center"] == ref["best_center"], view
+        if not heatmaps:
+            continue
         assert ours["stride_lists"] == ref["stride_lists"], view
         assert ours["heatmaps"]["shape"] == ref["heatmaps"]["shape"], view
         for kind in ("benign", "malignant"):
@@ -78,7 +93,7 @@ def _check_run(run: dict, reference: dict) -> None:
             for stat in ("min", "max", "mean"):
                 assert abs(ours["heatmaps"][kind][stat] - ref["heatmaps"][kind][stat]) <= 1e-4
     expected_cancer = reference["cancer"]["augmented_seed0_epochs10"]
-    for model in ("image_only", "image_heatmaps"):
+    for model in ("image_only", "image_heatmaps") if heatmaps else ("image_only",):
         for label in LABELS:
             delta = abs(run["cancer"][model][label] - expected_cancer[model][label])
             assert delta <= 1e-4, f"{model} {label}: {delta}"
@@ -105,7 +120,9 @@ def test_full_pipeline_on_dicoms_matches_reference(dicom_run, reference):
 
 @pytest.mark.slow
 def test_full_pipeline_on_pngs_matches_reference(png_run, reference):
-    _check_run(png_run, reference)
+    """Without the patch model: its inputs are the DICOM run's, bit for bit (see above)."""
+    _check_run(png_run, reference, heatmaps=False)
+    assert "image_heatmaps" not in png_run["cancer"]
     assert png_run["views"]["R-CC"]["mirrored"] is True and png_run["views"]["L-CC"]["mirrored"] is False
 
 

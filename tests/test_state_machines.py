@@ -24,11 +24,13 @@ from mammonode.db.models import Delivery, Event, Instance, Job, ResultObject, St
 from mammonode.db.outbox import (
     CLAIM_TIMEOUT_S,
     Attempt,
+    Claimer,
     NewResult,
     backoff_seconds,
     claim_due,
     record_attempts,
     register_results,
+    release_dead_claims,
     reset_for_retry,
 )
 from mammonode.db.records import InstanceMeta, mark_unusable, record_instance, selection
@@ -372,6 +374,62 @@ def test_a_row_left_sending_is_reclaimed_after_the_claim_timeout(db):
         assert [c.delivery_id for c in claim_due(s, "alive", now=now + seconds(CLAIM_TIMEOUT_S + 1))] == [row_id]
     row = get(db, Delivery, row_id)
     assert (row.state, row.claimed_by) == ("sending", "alive")
+
+
+def test_claim_due_takes_only_its_destinations_rows(db):
+    first = dict(zip(["archive", "hung", "viewer"], deliveries(db, destinations=["archive", "hung", "viewer"])))
+    second = dict(zip(["archive", "hung", "viewer"], deliveries(db, destinations=["archive", "hung", "viewer"])))
+    now = utcnow()
+    with db.session() as s:
+        hung = claim_due(s, "sender-hung", now=now, destinations=["hung"])
+    assert sorted(c.delivery_id for c in hung) == [first["hung"], second["hung"]]
+    assert {c.destination for c in hung} == {"hung"}
+    with db.session() as s:  # the others' rows are untouched, and still due
+        assert get(db, Delivery, first["archive"]).state == "pending"
+        archive = claim_due(s, "sender-archive", now=now, destinations=["archive"])
+    assert sorted(c.delivery_id for c in archive) == [first["archive"], second["archive"]]
+    with db.session() as s:  # "viewer" is no longer configured: only the catch-all sender takes it
+        assert claim_due(s, "sender-archive", now=now, destinations=["archive"]) == []
+        rest = claim_due(s, "sender-unconfigured", now=now, excluding=["archive", "hung"])
+    assert sorted(c.delivery_id for c in rest) == [first["viewer"], second["viewer"]]
+
+
+def test_claimer_names_host_and_process_and_fits_the_column():
+    host = "node-1." + "h" * 57  # 64 characters, the longest a sender uses
+    claimer = Claimer(host, 4242, "a1b2c3d4", "sender-" + "p" * 64)
+    text = str(claimer)
+    assert text.startswith(f"{host}:4242:a1b2c3d4:sender-pp") and len(text) == 128
+    parsed = Claimer.parse(text)
+    assert (parsed.host, parsed.pid, parsed.token) == (host, 4242, "a1b2c3d4")
+    assert Claimer.parse("node-1:sender") is None and Claimer.parse(None) is None  # older forms
+
+
+def test_rows_of_a_dead_claimer_on_this_host_are_released_at_once(db):
+    dead = Claimer("here", 111, "old", "sender-archive")
+    alive = Claimer("here", 222, "now", "sender-viewer")
+    elsewhere = Claimer("there", 111, "old", "sender-archive")
+    rows = {}
+    for who, name in ((dead, "archive"), (alive, "viewer"), (elsewhere, "archive"), ("here:sender", "archive")):
+        [row_id] = deliveries(db, destinations=[name])
+        with db.session() as s:
+            assert [c.delivery_id for c in claim_due(s, str(who), destinations=[name])] == [row_id]
+        rows[str(who)] = row_id
+    asked = []
+
+    def is_alive(who: Claimer) -> bool:
+        asked.append(who)
+        return who.pid == alive.pid
+
+    with db.session() as s:
+        assert release_dead_claims(s, "here", is_alive) == 1
+    assert sorted(asked, key=str) == sorted([dead, alive], key=str)  # only this host's claimers, each once
+    released = get(db, Delivery, rows[str(dead)])
+    assert (released.state, released.claimed_by) == ("pending", None)
+    for other in (alive, elsewhere, "here:sender"):  # alive, another host, or unknown: the timeout decides
+        assert get(db, Delivery, rows[str(other)]).state == "sending"
+    with db.session() as s:  # released rows are due at once, their attempts not counted
+        [again] = claim_due(s, "sender-archive", destinations=["archive"])
+    assert again.delivery_id == rows[str(dead)] and get(db, Delivery, again.delivery_id).attempts == 0
 
 
 def test_a_delivered_attempt_marks_the_row_delivered(db):

@@ -11,6 +11,7 @@ import torch
 from support.node import cli
 from support.paths import need_shared
 
+from mammonode.pipeline.models.resnet22 import LABELS
 from mammonode.pipeline.registry import spec
 from mammonode.pipeline.weights import WeightsError, load_model, provenance, read_state_dict
 
@@ -147,3 +148,33 @@ def test_every_cli_option_has_help_text():
         if not getattr(param, "help", None) and param.name != "help"
     ]
     assert not missing, missing
+
+
+def test_generated_test_weights_give_predictions_that_move_with_the_input(tmp_path):
+    """The demo's weights when ../shared is absent: random weights alone give the same
+    numbers for every exam (P 0.507/0.503 and one density for a phantom and a real exam
+    alike), which would make the demo and any comparison blind."""
+    import pydicom
+
+    from mammonode.demo.phantom import exam_datasets
+    from mammonode.pipeline.weights_admin import generate_test_weights
+
+    models = "image_only,density_histogram,density_cnn"
+    weights = generate_test_weights(tmp_path / "weights", models=tuple(models.split(",")))
+    phantom = tmp_path / "phantom"
+    phantom.mkdir()
+    for n, ds in enumerate(exam_datasets()):
+        pydicom.dcmwrite(phantom / f"{n}.dcm", ds, enforce_file_format=True)
+    real = sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))
+    runs = []
+    for files in (sorted(phantom.glob("*.dcm")), real):
+        args = [*map(str, files), "--weights-dir", str(weights), "--models", models, "--epochs", "1", "--json"]
+        runs.append(json.loads(cli("predict", *args, timeout=600).stdout))
+    phantom_run, real_run = runs
+    cancer = [abs(phantom_run["cancer"]["image_only"][k] - real_run["cancer"]["image_only"][k]) for k in LABELS]
+    assert max(cancer) > 0.05, cancer
+    assert all(0.02 < p < 0.98 for p in real_run["cancer"]["image_only"].values())  # not saturated either
+    for model in ("histogram", "cnn"):
+        ours, theirs = phantom_run["density"][model]["probabilities"], real_run["density"][model]["probabilities"]
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) > 0.05, (model, ours, theirs)
+    assert real_run["test_weights"] is True

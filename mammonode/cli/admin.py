@@ -204,10 +204,10 @@ def study(
     if data.get("note"):
         console.print(f"[yellow]{data['note']}[/yellow]", highlight=False)
     table = Table(title="instances")
-    for col in ("sop_instance_uid", "view", "usable", "reason"):
+    for col in ("sop_instance_uid", "view", "usable", "rule", "reason"):
         table.add_column(col)
     for i in data["instances"]:
-        table.add_row(i["sop_instance_uid"], i["view"], str(i["usable"]), i["reason"] or "")
+        table.add_row(i["sop_instance_uid"], i["view"], str(i["usable"]), i["rule"] or "", i["reason"] or "")
     console.print(table)
     for j in data["jobs"]:
         stage = f" (stage: {j['stage']})" if j.get("stage") else ""

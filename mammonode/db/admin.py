@@ -43,10 +43,11 @@ def retry(session: Session, study: Study, force: bool = False) -> dict:
 
 
 def purgeable(session: Session, older_than_days: float) -> tuple[list[Study], int]:
-    """Finished studies not touched for ``older_than_days``, and how many such studies are
-    kept back because deliveries are still pending."""
+    """Finished studies (held ones, which never run, included) not touched for
+    ``older_than_days``, and how many such studies are kept back because deliveries are
+    still pending."""
     limit = utcnow() - timedelta(days=older_than_days)
-    finished = [StudyState.DONE, StudyState.FAILED, StudyState.INCOMPLETE]
+    finished = [StudyState.DONE, StudyState.FAILED, StudyState.INCOMPLETE, StudyState.STORED]
     studies = session.execute(select(Study).where(Study.state.in_(finished), Study.updated_at < limit)).scalars()
     removable, pending = [], 0
     for study in studies:

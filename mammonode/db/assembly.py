@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mammonode.db import notifications
 from mammonode.db.models import Instance, Job, JobState, Study, StudyState, utcnow
 from mammonode.db.records import OTHER_PATIENT_NOTE, record_event, selection, selection_key
 from mammonode.db.session import locked
@@ -64,6 +65,20 @@ def enqueue(session: Session, study: Study, now: datetime | None = None) -> Job:
     return job
 
 
+def _notify_incomplete(
+    session: Session, study: Study, chosen: dict, lacking: list[str], quiet_for: float, policy: str
+) -> None:
+    partial = policy == "image_wise" and bool(chosen)
+    details = {
+        "views": [view for view in VIEWS if view in chosen],
+        "missing_views": lacking,
+        "quiet_for_s": round(quiet_for, 1),
+        "incomplete_policy": policy,
+        "partial_result_queued": partial,  # then result.ready follows, for the views present
+    }
+    notifications.queue(session, notifications.STUDY_INCOMPLETE, study.study_instance_uid, details)
+
+
 def tick(
     session: Session,
     quiet_period_s: float,
@@ -98,6 +113,7 @@ def tick(
                 "job queued for the image-wise models (partial result)",
                 study.study_instance_uid,
             )
+            _notify_incomplete(session, study, chosen, lacking, quiet_for, incomplete_policy)
             partial.append(study.study_instance_uid)
         elif quiet_for >= incomplete_timeout_s:
             lacking = [view for view in VIEWS if view not in chosen]
@@ -111,6 +127,7 @@ def tick(
                 f"no new instance for {int(quiet_for)} s; missing {', '.join(lacking)}",
                 study.study_instance_uid,
             )
+            _notify_incomplete(session, study, chosen, lacking, quiet_for, incomplete_policy)
             incomplete.append(study.study_instance_uid)
     return TickResult(queued=queued, incomplete=incomplete, partial=partial)
 
@@ -121,6 +138,8 @@ def process(session: Session, study: Study, now: datetime | None = None) -> dict
     says why not (already queued, running or processed; no usable view)."""
     if study.state in (StudyState.QUEUED, StudyState.RUNNING):
         raise ValueError(f"study {study.study_instance_uid} is already {study.state}")
+    if study.state == StudyState.STORED:
+        raise ValueError(f"study {study.study_instance_uid} is held by a store rule ([[rules]]): never processed")
     if study.state in (StudyState.DONE, StudyState.FAILED):
         raise ValueError(
             f"study {study.study_instance_uid} is already processed ({study.state}); "

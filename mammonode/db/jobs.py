@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from mammonode.db import notifications
 from mammonode.db.models import Job, JobState, Study, StudyState, Worker, utcnow
 from mammonode.db.records import OTHER_PATIENT_NOTE, record_event
 from mammonode.db.session import locked
@@ -97,6 +98,12 @@ def _retry_or_fail(session: Session, job: Job, study: Study, message: str, max_a
         if study.selection_key == job.selection_key:
             study.state = StudyState.FAILED
             study.note = message[:500]
+            notifications.queue(
+                session,
+                notifications.STUDY_FAILED,
+                study.study_instance_uid,
+                {"job_id": job.id, "attempts": job.attempts, "error": message[:2000]},
+            )
         record_event(
             session, "ERROR", "job-failed", f"job {job.id}: {message}; no attempts left", study.study_instance_uid
         )
@@ -164,6 +171,12 @@ def finish(session: Session, job_id: int, worker_id: str, timings: dict, result:
     study.updated_at = now
     record_event(
         session, "INFO", "job-done", f"job {job.id} done", study.study_instance_uid, seconds=timings.get("total")
+    )
+    notifications.queue(
+        session,
+        notifications.RESULT_READY,
+        study.study_instance_uid,
+        {"job_id": job.id, **notifications.result_summary(result, note, study.result_version)},
     )
     return True
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -54,7 +55,10 @@ class StudyState:
     DONE = "done"
     FAILED = "failed"
     INCOMPLETE = "incomplete"
-    ALL = (RECEIVING, READY, QUEUED, RUNNING, DONE, FAILED, INCOMPLETE)
+    # Every instance was received under a `store` rule ([[rules]]): kept, never queued. A
+    # later instance under a `process` rule makes it receiving.
+    STORED = "stored"
+    ALL = (RECEIVING, READY, QUEUED, RUNNING, DONE, FAILED, INCOMPLETE, STORED)
 
 
 class JobState:
@@ -121,6 +125,10 @@ class Instance(Base):
     faces_expected: Mapped[bool | None] = mapped_column(Boolean)
     acquired: Mapped[str | None] = mapped_column(Text)  # DICOM date+time, for "newest"
     calling_ae_title: Mapped[str | None] = mapped_column(Text)
+    # The [[rules]] entry it was received under (None: before rules existed), and whether
+    # that rule's action was `store` (kept, never pipeline input).
+    rule: Mapped[str | None] = mapped_column(String(64))
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     revisions: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -229,3 +237,48 @@ class Installation(Base):
     device_uid: Mapped[str] = mapped_column(String(64))
     serial_number: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class NotifyEvent(Base):
+    """Something the [[notify]] webhooks may be told (db.notifications), written in the
+    transaction of the state change it reports, so it is neither lost nor told of a change
+    that was rolled back. Never PHI: patient values are looked up when a hook that includes
+    them is sent the event."""
+
+    __tablename__ = "notify_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(String(36), unique=True)  # a UUID, the receiver's idempotency key
+    kind: Mapped[str] = mapped_column(String(32))  # config.NOTIFY_EVENTS
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When its deliveries (one per hook that wants it) were made; None: not yet.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+    deliveries: Mapped[list[NotifyDelivery]] = relationship(back_populates="event", cascade="all, delete-orphan")
+
+
+class NotifyDelivery(Base):
+    """One event for one webhook: claimed, POSTed, retried with backoff (DeliveryState)."""
+
+    __tablename__ = "notify_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "hook"),
+        Index("ix_notify_deliveries_hook_state_next", "hook", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("notify_events.id", ondelete="CASCADE"), index=True)
+    hook: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    event: Mapped[NotifyEvent] = relationship(back_populates="deliveries")

@@ -3,8 +3,10 @@ backoff until delivered or out of attempts.
 
 Rows move pending -> sending (claimed) -> delivered, or back to pending with a later
 ``next_attempt_at``, or to failed after ``max_attempts`` (``mammonode retry`` makes them
-pending again). A row left ``sending`` by a sender that died goes back to pending after
-``CLAIM_TIMEOUT_S``. What counts as delivered is the transport's call (see delivery/).
+pending again). A row left ``sending`` by a sender that died goes back to pending: at the
+next start on the same host when its process is gone (``release_dead_claims``, the claimer
+names host and process), otherwise after ``CLAIM_TIMEOUT_S``. What counts as delivered is
+the transport's call (see delivery/).
 
 Results are versioned (reporting.uids.version_key): registering a study's new version
 makes the rows of earlier versions that were not yet sent ``superseded`` (never sent), and
@@ -14,13 +16,14 @@ a forced retry re-sends only the current version.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from mammonode.db import notifications
 from mammonode.db.models import Delivery, DeliveryState, ResultObject, Study, utcnow
 from mammonode.db.records import record_event
 from mammonode.db.session import locked
@@ -169,20 +172,54 @@ def backoff_seconds(attempts: int, initial: float, maximum: float, rng: random.R
     return base * rng.uniform(0.8, 1.2)
 
 
-def claim_due(session: Session, claimer: str, limit: int = 64, now: datetime | None = None) -> list[Claimed]:
-    """Take up to ``limit`` due rows for ``claimer`` (oldest due first)."""
+@dataclass(frozen=True)
+class Claimer:
+    """Who holds a claim: host, process and a per-process token, so that after a crash the
+    next start on the same host can tell a dead claimer's rows from a live one's (the token
+    tells an earlier process from this one when both had the same pid, as a container's
+    pid 1 does)."""
+
+    host: str
+    pid: int
+    token: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}:{self.name}"[:128]  # claimed_by is String(128)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Claimer | None:
+        """The claimer a ``claimed_by`` value names; None for another form (then only the
+        claim timeout frees its rows)."""
+        parts = (text or "").split(":", 3)
+        if len(parts) != 4 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2], parts[3])
+
+
+def claim_due(
+    session: Session,
+    claimer: str,
+    limit: int = 64,
+    now: datetime | None = None,
+    destinations: Collection[str] | None = None,
+    excluding: Collection[str] = (),
+) -> list[Claimed]:
+    """Take up to ``limit`` due rows for ``claimer`` (oldest due first), only of
+    ``destinations`` when given and never of ``excluding``: each destination has a sender of
+    its own, so a destination that hangs holds up only its own rows."""
     now = now or utcnow()
     session.execute(
         update(Delivery)
         .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < now - timedelta(seconds=CLAIM_TIMEOUT_S))
         .values(state=DeliveryState.PENDING, claimed_by=None)
     )
-    query = (
-        select(Delivery)
-        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-        .order_by(Delivery.next_attempt_at, Delivery.id)
-        .limit(limit)
-    )
+    query = select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+    if destinations is not None:
+        query = query.where(Delivery.destination.in_(list(destinations)))
+    if excluding:
+        query = query.where(Delivery.destination.not_in(list(excluding)))
+    query = query.order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
     rows = list(session.execute(locked(query, session, skip_locked=True)).scalars())
     claimed = []
     for row in rows:
@@ -196,6 +233,31 @@ def claim_due(session: Session, claimer: str, limit: int = 64, now: datetime | N
     return claimed
 
 
+def release_dead_claims(session: Session, host: str, alive: Callable[[Claimer], bool]) -> int:
+    """Rows left ``sending`` by claimers on ``host`` that are no longer alive back to
+    pending, due as they were (a failed attempt is not counted: the outcome is unknown, and
+    the stable UIDs make a re-send replace). Other hosts' claims wait for the timeout: their
+    processes cannot be asked."""
+    sending = session.execute(
+        select(Delivery.claimed_by)
+        .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_by.is_not(None))
+        .distinct()
+    ).scalars()
+    dead = []
+    for text in sending:
+        claimer = Claimer.parse(text)
+        if claimer is not None and claimer.host == host and not alive(claimer):
+            dead.append(text)
+    if not dead:
+        return 0
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_by.in_(dead))
+        .values(state=DeliveryState.PENDING, claimed_by=None)
+    )
+    return result.rowcount or 0
+
+
 def record_attempts(
     session: Session,
     destination: str,
@@ -205,8 +267,10 @@ def record_attempts(
     backoff: tuple[float, float],
     now: datetime | None = None,
 ) -> None:
-    """Record one attempt per delivery row: delivered, retried after backoff, or failed."""
+    """Record one attempt per delivery row: delivered, retried after backoff, or failed
+    (then one ``delivery.failed`` notification per study, naming the objects)."""
     now = now or utcnow()
+    given_up: dict[str | None, list[tuple[Delivery, Attempt]]] = {}
     for delivery_id, attempt in attempts.items():
         row = session.get(Delivery, delivery_id)
         row.attempts += 1
@@ -227,6 +291,7 @@ def record_attempts(
                 f"to {destination}: {attempt.message} after {row.attempts} attempts",
                 study_of.get(delivery_id),
             )
+            given_up.setdefault(study_of.get(delivery_id), []).append((row, attempt))
         else:
             row.state = DeliveryState.PENDING
             row.next_attempt_at = now + timedelta(seconds=backoff_seconds(row.attempts, *backoff))
@@ -237,6 +302,15 @@ def record_attempts(
                 f"to {destination}: {attempt.message}; will retry",
                 study_of.get(delivery_id),
             )
+    for study_uid, failed in given_up.items():
+        details = {
+            "destination": destination,
+            "objects": len(failed),
+            "sop_instance_uids": [row.result.sop_instance_uid for row, _ in failed],
+            "attempts": max(row.attempts for row, _ in failed),
+            "error": "; ".join(sorted({attempt.message for _, attempt in failed}))[:2000],
+        }
+        notifications.queue(session, notifications.DELIVERY_FAILED, study_uid, details)
 
 
 def reset_for_retry(session: Session, study: Study, include_delivered: bool) -> int:

@@ -39,6 +39,14 @@ def local_time(iso_text: str | None) -> str:
     return datetime.fromisoformat(iso_text).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def rule_counts(instances: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for inst in instances:
+        if inst.rule is not None:
+            counts[inst.rule] = counts.get(inst.rule, 0) + 1
+    return counts
+
+
 def study_summary(session: Session, study: Study, quiet_period_s: float, show_phi: bool = False) -> dict:
     instances = study.instances
     state = study.state
@@ -55,6 +63,11 @@ def study_summary(session: Session, study: Study, quiet_period_s: float, show_ph
         "note": study.note,
         # Kept but never pipeline input: their Patient ID is not the study's.
         "quarantined_instances": sum(1 for i in instances if i.reason == OTHER_PATIENT),
+        # Received under a `store` rule: kept, never pipeline input.
+        "held_instances": sum(1 for i in instances if i.held),
+        # Which [[rules]] entries its instances were received under, and how many each
+        # (instances received before rules existed are not counted).
+        "rules": rule_counts(instances),
     }
     if show_phi:
         out["patient_id"] = study.patient_id
@@ -98,6 +111,8 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
             "size": i.size,
             "received_at": iso(i.received_at),
             "revisions": i.revisions,
+            "rule": i.rule,
+            "held": i.held,
         }
         for i in study.instances
     ]

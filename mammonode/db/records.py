@@ -29,6 +29,11 @@ OTHER_PATIENT = "quarantined: Patient ID differs from the study's; not used as p
 OTHER_PATIENT_NOTE = "flagged: holds images of another Patient ID (quarantined, not used)"
 
 
+def held_reason(rule: str | None) -> str:
+    """Why an instance received under a ``store`` rule is never pipeline input."""
+    return f"held by rule {rule!r} (store): kept, never pipeline input"
+
+
 class Recorded(NamedTuple):
     outcome: RecordOutcome
     replaced_path: str | None  # the older file, when a different object replaced it
@@ -67,6 +72,8 @@ class InstanceMeta:
     patient_name: str | None = None
     accession_number: str | None = None
     study_date: str | None = None
+    rule: str | None = None  # the [[rules]] entry it was received under
+    held: bool = False  # that rule's action is `store`: kept, never pipeline input
 
 
 def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> tuple[Study, bool]:
@@ -177,8 +184,12 @@ def record_instance(session: Session, meta: InstanceMeta) -> Recorded:
             "reason",
             "acquired",
             "calling_ae_title",
+            "rule",
+            "held",
         )
     }
+    if meta.held:
+        fields["usable"], fields["reason"] = False, held_reason(meta.rule)
     fields["faces_expected"] = None if meta.mirrored is None else not meta.mirrored
     other_patient = _other_patient(study, meta)
     if other_patient:
@@ -205,8 +216,10 @@ def record_instance(session: Session, meta: InstanceMeta) -> Recorded:
     study.last_instance_at = now
     study.updated_at = now
     refresh_selection(session, study)
+    if study.state == StudyState.RECEIVING and all(i.held for i in study.instances):
+        study.state = StudyState.STORED
     if before is None:
-        transition = "new study, receiving"
+        transition = f"new study, {study.state}"
     elif before != study.state:
         transition = f"{before} -> {study.state} (new inputs)"
     else:

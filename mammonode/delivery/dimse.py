@@ -62,14 +62,16 @@ def _as_accepted(ds, accepted: set[tuple[str, str]]):
     return ds
 
 
-def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> Outcome:
+def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str, timeout_s: float = 60.0) -> Outcome:
     """C-STORE each (delivery id, file, SOP class) over one association, negotiating exactly
     the SOP classes (and compressed syntaxes) it carries. ``calling_ae_title`` unless the
-    destination names its own."""
+    destination names its own. A peer silent for ``timeout_s`` (no C-STORE response, no
+    data at all) gets the association aborted; that object and the rest of the batch fail
+    this attempt and are retried with backoff."""
     ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 120
-    ae.network_timeout = 60
+    ae.acse_timeout = min(30.0, timeout_s)
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
     ae.requested_contexts = _requested_contexts(items)
     outcome: dict[int, tuple[int | None, str]] = {}
     try:
@@ -99,7 +101,7 @@ def send_dimse(dest: Destination, items: list[Item], calling_ae_title: str) -> O
                 outcome[delivery_id] = (None, f"C-STORE error: {exc}")
                 continue
             if status is None or "Status" not in status:
-                outcome[delivery_id] = (None, "no response (timeout or abort)")
+                outcome[delivery_id] = (None, f"no response within {timeout_s:g} s (timeout or abort)")
             else:
                 code = int(status.Status)
                 comment = str(status.get("ErrorComment", "")) if code not in DELIVERED_STATUSES else ""

@@ -43,14 +43,20 @@ def _stow_outcome(body: bytes, sop_uid: str) -> tuple[int | None, str]:
     return None, "instance missing from the STOW-RS response"
 
 
-def send_stow(dest: Destination, items: list[Item]) -> Outcome:
-    """POST each object to <url>/studies as multipart/related; type="application/dicom"."""
+def send_stow(dest: Destination, items: list[Item], timeout_s: float = 60.0) -> Outcome:
+    """POST each object to <url>/studies as multipart/related; type="application/dicom".
+    ``timeout_s`` bounds the connect and each socket read, so a service that never answers
+    fails the attempt instead of holding the sender."""
     import urllib.error
     import uuid
 
     outcome: dict[int, tuple[int | None, str]] = {}
     url = dest.url.rstrip("/") + "/studies"
+    silent = False  # the service let a request time out: the rest of the batch waits for a retry
     for delivery_id, path, _sop in items:
+        if silent:
+            outcome[delivery_id] = (None, f"not sent: {url} did not answer an earlier object")
+            continue
         try:
             payload = path.read_bytes()
             sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
@@ -71,7 +77,7 @@ def send_stow(dest: Destination, items: list[Item]) -> Outcome:
             headers["Authorization"] = f"Bearer {dest.token}"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with _OPENER.open(request, timeout=120) as response:
+            with _OPENER.open(request, timeout=timeout_s) as response:
                 outcome[delivery_id] = _stow_outcome(response.read(), sop_uid)
         except urllib.error.HTTPError as exc:
             if exc.code in (202, 409):
@@ -81,5 +87,9 @@ def send_stow(dest: Destination, items: list[Item]) -> Outcome:
             else:
                 outcome[delivery_id] = (None, f"HTTP {exc.code} from {url}")
         except (OSError, urllib.error.URLError) as exc:
-            outcome[delivery_id] = (None, f"connect failed: {exc}")
+            if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+                silent = True
+                outcome[delivery_id] = (None, f"no response within {timeout_s:g} s from {url}")
+            else:
+                outcome[delivery_id] = (None, f"connect failed: {exc}")
     return outcome

@@ -153,7 +153,8 @@ NEXT_STEPS = """next steps:
   - run the node:        mammonode serve --config config.toml   (config.toml documents every setting)
   - point a modality or PACS at it: AE title MAMMONODE, this machine's address, port 11112 (node.port)
   - install the official NYU weights: mammonode weights install --from DIR   (see weights/manifest.toml)
-  - watch the queue:     mammonode status; mammonode studies; http://HOST:8080/ (the status page)"""
+  - watch the queue:     mammonode status; mammonode studies; the status page at http://HOST:8080/
+                         once [dicomweb] is enabled, with a token"""
 
 
 def run_demo(full: bool = False, workdir: Path | None = None, keep: bool = False) -> int:

@@ -15,6 +15,10 @@ Every PDU's declared length is checked before pynetdicom reads its body
 (:func:`_bound_pdu_reads`): beyond ``node.max_pdu`` (advertised to the peer) plus
 :data:`PDU_MARGIN` the association is aborted without reading, so a peer cannot make the
 listener buffer a PDU of gigabytes.
+
+With TLS, the handshake runs in the connection's own thread with the ACSE timeout
+(:class:`HandshakeInThreadServer`), never in the accept loop: a client that connects and
+never sends its ClientHello would otherwise stop every other association.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from mammonode.config import Config
 from mammonode.db.session import Database
 from mammonode.ingest.layout import StorageLayout, ensure_dir
+from mammonode.ingest.rules import match
 from mammonode.ingest.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreError, ingest
-from mammonode.metrics import METRICS
+from mammonode.metrics import METRICS, sop_class_label
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,58 @@ def _bound_pdu_reads(assoc_socket, limit: int) -> None:
     assoc_socket.recv = bounded_recv
 
 
+class HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket in ``get_request``, i.e. in the one thread that
+    accepts, on a socket without timeout: a peer that never sends its ClientHello blocks
+    every later connection. Here ``get_request`` only accepts, and the handshake runs in the
+    connection's thread with ``handshake_timeout_s``; a failed or timed-out handshake is one
+    log line and a closed socket. Request threads are daemons and not joined at shutdown, so
+    a handshake still in progress does not delay the node's stop."""
+
+    daemon_threads = True
+    block_on_close = False
+    handshake_timeout_s: float = 5.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        return self.socket.accept()
+
+    def process_request_thread(self, request, client_address) -> None:
+        if self.ssl_context is not None:
+            request = self._handshake(request, client_address)
+            if request is None:
+                return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, raw: socket.socket, client_address) -> ssl.SSLSocket | None:
+        """The server side of the TLS handshake within ``handshake_timeout_s`` (in total, not
+        per read), then the socket back in blocking mode as pynetdicom expects it."""
+        peer = "{}:{}".format(*client_address[:2])
+        try:
+            raw.settimeout(self.handshake_timeout_s)
+            tls = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc)
+            raw.close()
+            return None
+        try:
+            tls.do_handshake()
+            tls.settimeout(None)
+            return tls
+        except TimeoutError:
+            log.warning("TLS handshake with %s not completed within %.1f s; closed", peer, self.handshake_timeout_s)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            # The peer closed first: a TCP probe (load balancer, port check), not an attack.
+            log.info("TLS handshake with %s ended by the peer: %s", peer, exc)
+        except ssl.SSLError as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc.reason or exc)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc)
+        tls.close()
+        return None
+
+
 @dataclass
 class AssociationState:
     """What the listener tracks per association (pynetdicom's objects stay untouched)."""
@@ -210,9 +268,11 @@ class DimseListener:
                 calling_ae=calling,
                 expected_sop_uid=str(request.AffectedSOPInstanceUID),
                 expected_sop_class=str(request.AffectedSOPClassUID),
+                max_inflated_bytes=self.cfg.storage.max_inflated_bytes,
+                router=functools.partial(match, self.cfg.rules, calling_ae=calling),
             )
         except StoreError as exc:
-            METRICS.instances.labels(str(request.AffectedSOPClassUID), "failed", "dimse").inc()
+            METRICS.instances.labels(sop_class_label(request.AffectedSOPClassUID), "failed", "dimse").inc()
             log.warning("C-STORE refused: status 0x%04X %s (calling AE %s)", exc.status, exc.comment, calling)
             return _status(exc.status, exc.comment)
         except Exception as exc:  # never crash the association thread, never claim success
@@ -221,7 +281,7 @@ class DimseListener:
         finally:
             with self._lock:
                 self._in_ingest.discard(spool_file)
-        METRICS.instances.labels(str(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
+        METRICS.instances.labels(sop_class_label(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
         log.debug(
             "stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid, result.outcome
         )
@@ -343,9 +403,18 @@ class DimseListener:
         configure_pynetdicom()
         spool_into(self.spool_dir)
         self.ae = self.build_ae()
-        self.server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context()
+        # pynetdicom's start_server, with the server class that keeps TLS handshakes out of the
+        # accept loop (start_server takes no server class).
+        server = self.ae.make_server(
+            (node.host, node.port),
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context(),
+            server_class=HandshakeInThreadServer,
         )
+        server.handshake_timeout_s = node.acse_timeout_s
+        self.ae._servers.append(server)  # where AE.shutdown and server.shutdown expect it
+        threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True).start()
+        self.server = server
         log.info("DIMSE listener %s on %s:%s%s", node.ae_title, node.host, self.port, " (TLS)" if node.tls else "")
         self._sweeping.clear()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="dimse-spool-sweep", daemon=True)

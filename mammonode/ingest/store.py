@@ -10,6 +10,15 @@ raises :class:`StoreError` with the DICOM status to answer and leaves no file or
 An object whose SOP Instance UID is already recorded in another study is refused; one whose
 Patient ID is not its study's is kept but quarantined (never pipeline input). Neither ever
 changes what an earlier, acknowledged object of the first study holds.
+
+Routing rules (``[[rules]]``, ``rules.py``) decide each object's fate once its UIDs are checked:
+``process`` records it as pipeline input (as before rules existed), ``store`` records it held
+(kept, never pipeline input), ``drop`` acknowledges it without keeping file or row (logged
+with its SOP Instance UID and the rule, counted in ``mammonode_instances_routed``).
+
+A Deflated Explicit VR Little Endian object is inflated first, in chunks and with a cap
+(``inflate.py``), and stored as Explicit VR Little Endian: pydicom would inflate it whole in
+memory, here and wherever the stored file is read again.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import hashlib
 import logging
 import os
 import re
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import sleep
@@ -31,7 +42,10 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from mammonode.db.records import InstanceConflict, InstanceMeta, Recorded, RecordOutcome, record_instance
 from mammonode.db.session import Database
 from mammonode.exam.assignment import ViewAssignment, assign_view
+from mammonode.ingest.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateRefused, inflate_to, read_file_meta
 from mammonode.ingest.layout import StorageLayout, ensure_dir, move, publish
+from mammonode.ingest.rules import Match
+from mammonode.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,9 @@ INSTANCE_UID_MISMATCH = 0xA901
 PIXEL_DATA_MISMATCH = 0xA902
 CANNOT_UNDERSTAND = 0xC000
 INVALID_UID = 0xC001
+# A deflated data set inflating beyond storage.max_inflated_bytes: "cannot understand" (a
+# Cxxx failure, never A7xx, which would have the sender retry an object that cannot fit).
+INFLATED_TOO_LARGE = 0xC002
 # PS3.7 Annex C (general statuses, valid in any DIMSE response): 0111H "Duplicate SOP
 # Instance" - a failure whose meaning is exactly this case (the UID is already registered
 # for another object). None of the Storage Service's own codes (PS3.4 B.2.3: A7xx out of
@@ -67,12 +84,21 @@ class StoreError(Exception):
         self.comment = comment[:64]  # ErrorComment is LO (64 characters)
 
 
+# The outcome of an object a `drop` rule discarded (acknowledged, neither file nor row kept).
+DROPPED = "dropped"
+
+# Chooses the routing rule of a received data set (the listener binds the calling AE title).
+Router = Callable[[Dataset], Match]
+
+
 @dataclass(frozen=True)
 class IngestResult:
-    outcome: RecordOutcome
+    outcome: str  # a RecordOutcome, or DROPPED
     study_instance_uid: str
     sop_instance_uid: str
-    path: Path
+    path: Path | None  # None when dropped
+    series_instance_uid: str = ""
+    rule: str | None = None  # the routing rule's name (None without rules)
 
 
 def valid_uid(value: object) -> bool:
@@ -148,6 +174,24 @@ def _copy_hashed(source: Path, target: Path) -> tuple[str, int]:
             size += len(chunk)
         dst.flush()
         os.fsync(dst.fileno())
+    return digest.hexdigest(), size
+
+
+def _link_hashed(source: Path, target: Path) -> tuple[str, int]:
+    """``target`` as a second name of the spool file (no copy: a received object costs its
+    size once on disk, not twice while it is stored), its bytes hashed and fsynced. Falls
+    back to a copy where a link cannot be made (the spool fell back to another filesystem)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return _copy_hashed(source, target)
+    digest = hashlib.sha256()
+    size = 0
+    with open(target, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
     return digest.hexdigest(), size
 
 
@@ -258,6 +302,7 @@ def _meta(
     size: int,
     digest: str,
     calling_ae: str | None,
+    routed: Match | None,
 ) -> InstanceMeta:
     return InstanceMeta(
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -279,6 +324,8 @@ def _meta(
         patient_name=_text(ds, "PatientName", 324),
         accession_number=_text(ds, "AccessionNumber", 16),
         study_date=_text(ds, "StudyDate", 8),
+        rule=routed.rule.name if routed else None,
+        held=routed is not None and routed.action == "store",
     )
 
 
@@ -301,6 +348,27 @@ def _set_aside(layout: StorageLayout, relative: str, keep: bool) -> None:
         move(old, layout.quarantine_path(old))
 
 
+def inflated_copy(path: Path, work_dir: Path, max_inflated_bytes: int) -> Path | None:
+    """A deflated file's Explicit VR Little Endian equivalent, written in ``work_dir`` (the
+    caller removes it); None when ``path`` is not deflated. StoreError when it inflates
+    beyond ``max_inflated_bytes`` (nothing is written then) or is not valid deflate data."""
+    meta = read_file_meta(path)
+    if meta is None or not meta.deflated:
+        return None  # nothing created: refusals of other objects stay what they were
+    target = work_dir / f"{uuid.uuid4().hex}.inflated"
+    try:
+        ensure_dir(work_dir)
+        return target if inflate_to(path, target, max_inflated_bytes) else None
+    except InflateRefused as exc:
+        if exc.too_large:
+            comment = f"inflates beyond {max_inflated_bytes} bytes (storage.max_inflated_bytes)"
+            raise StoreError(INFLATED_TOO_LARGE, comment) from exc
+        raise StoreError(CANNOT_UNDERSTAND, str(exc)) from exc
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise _storage_error(exc, "(deflated)") from exc
+
+
 def ingest(
     spool: Path,
     storage_dir: Path,
@@ -309,10 +377,42 @@ def ingest(
     expected_sop_uid: str | None = None,
     expected_sop_class: str | None = None,
     keep_replaced: bool = False,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    router: Router | None = None,
+) -> IngestResult:
+    """Check, store durably and record one received file (see the module docstring). A
+    deflated data set is stored inflated, as Explicit VR Little Endian (pydicom would inflate
+    it whole in memory wherever it is read), and refused beyond ``max_inflated_bytes``.
+    ``router`` picks the routing rule (None: every object is processed, as for reindex)."""
+    inflated = inflated_copy(spool, StorageLayout(storage_dir).tmp_dir, max_inflated_bytes)
+    try:
+        return _ingest(
+            inflated or spool, storage_dir, db, calling_ae, expected_sop_uid, expected_sop_class, keep_replaced, router
+        )
+    finally:
+        if inflated is not None:
+            _discard(inflated)
+
+
+def _ingest(
+    spool: Path,
+    storage_dir: Path,
+    db: Database,
+    calling_ae: str | None,
+    expected_sop_uid: str | None,
+    expected_sop_class: str | None,
+    keep_replaced: bool,
+    router: Router | None,
 ) -> IngestResult:
     ds = read_header(spool)
     uids = _checked_uids(ds, expected_sop_uid, expected_sop_class)
     sop_uid, study_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"]
+    routed = router(ds) if router is not None else None
+    if routed is not None and routed.action == "drop":
+        # Nothing was written yet; the caller's spool file is the caller's to remove.
+        METRICS.routed.labels(routed.rule.name, routed.action).inc()
+        log.info("instance %s of study %s dropped by rule %r", sop_uid, study_uid, routed.rule.name)
+        return IngestResult(DROPPED, study_uid, sop_uid, None, uids["SeriesInstanceUID"], routed.rule.name)
     _check_pixel_data(ds)
     assignment = assign_view(ds)
 
@@ -320,9 +420,12 @@ def ingest(
     temp = layout.temporary_file()
     try:
         ensure_dir(layout.tmp_dir)
-        digest, size = _copy_hashed(spool, temp)
+        # A file in our own temporary area (a C-STORE or STOW-RS spool, an inflated copy) is
+        # linked; anything else (a file given by path) is copied, never shared.
+        ours = spool.resolve().is_relative_to(layout.tmp_dir.resolve())
+        digest, size = _link_hashed(spool, temp) if ours else _copy_hashed(spool, temp)
         final = layout.instance_path(study_uid, sop_uid, digest)
-        meta = _meta(ds, uids, assignment, layout.relative(final), size, digest, calling_ae)
+        meta = _meta(ds, uids, assignment, layout.relative(final), size, digest, calling_ae, routed)
         created = not final.exists()
         if created:
             publish(temp, final)
@@ -340,4 +443,13 @@ def ingest(
         log.warning("instance %s of study %s replaced by a different object", sop_uid, study_uid)
     if recorded.other_patient:
         log.error("instance %s of study %s: Patient ID differs from the study's; quarantined", sop_uid, study_uid)
-    return IngestResult(outcome=recorded.outcome, study_instance_uid=study_uid, sop_instance_uid=sop_uid, path=final)
+    if routed is not None:
+        METRICS.routed.labels(routed.rule.name, routed.action).inc()
+    return IngestResult(
+        outcome=recorded.outcome,
+        study_instance_uid=study_uid,
+        sop_instance_uid=sop_uid,
+        path=final,
+        series_instance_uid=uids["SeriesInstanceUID"],
+        rule=routed.rule.name if routed else None,
+    )

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import tempfile
 import uuid
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -28,10 +31,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mammonode.config import Rule
 from mammonode.db.session import Database
+from mammonode.ingest.inflate import DEFAULT_MAX_INFLATED_BYTES, read_file_meta
 from mammonode.ingest.layout import StorageLayout, ensure_dir
-from mammonode.ingest.store import DOES_NOT_MATCH_SOP_CLASS, StoreError, ingest, read_header
-from mammonode.metrics import METRICS
+from mammonode.ingest.rules import match
+from mammonode.ingest.store import DOES_NOT_MATCH_SOP_CLASS, StoreError, inflated_copy, ingest, read_header
+from mammonode.metrics import METRICS, sop_class_label
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -127,13 +133,18 @@ class StowHandler:
         max_request_bytes: int = 4 << 30,
         max_parts: int = 1000,
         body_timeout_s: float = 600.0,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        rules: Sequence[Rule] | None = None,
     ):
         self.storage_dir = storage_dir
+        # STOW-RS has no calling AE title: a rule naming calling_ae never matches here.
+        self.router = partial(match, rules, calling_ae=None) if rules else None
         self.db = db
         self.base_url = base_url
         self.max_request_bytes = max_request_bytes
         self.max_parts = max_parts
         self.body_timeout_s = body_timeout_s
+        self.max_inflated_bytes = max_inflated_bytes
 
     async def _spool_parts(self, request: Request, folder: Path) -> list[tuple[Path, str]]:
         content_type = request.headers.get("content-type", "")
@@ -289,11 +300,22 @@ class StowHandler:
         ds.file_meta = pydicom.dataset.FileMetaDataset(meta)
         ds.save_as(path, enforce_file_format=True)
 
+    def _inflate(self, path: Path) -> None:
+        """A deflated part is replaced by its inflated equivalent before anything parses it
+        (pydicom would inflate it whole in memory); StoreError beyond the cap."""
+        inflated = inflated_copy(path, path.parent, self.max_inflated_bytes)
+        if inflated is not None:
+            os.replace(inflated, path)
+
     def _store_part(self, path: Path, kind: str, expected_study: str | None, client: str):
         sop_class = sop_uid = None
         try:
             if not kind.lower().startswith("application/dicom"):
                 raise StoreError(0xC000, f"part content type {kind} is not application/dicom")
+            meta = read_file_meta(path)
+            if meta is not None:  # named in a refusal before the data set is read
+                sop_class, sop_uid = meta.uid("MediaStorageSOPClassUID"), meta.uid("MediaStorageSOPInstanceUID")
+            self._inflate(path)
             self._as_file(path, kind)
             header = read_header(path) if path.stat().st_size > 132 else None
             if header is not None:
@@ -301,15 +323,21 @@ class StowHandler:
                 sop_uid = str(header.get("SOPInstanceUID", "")) or None
                 if expected_study and str(header.get("StudyInstanceUID", "")) != expected_study:
                     raise StoreError(DOES_NOT_MATCH_SOP_CLASS, "Study Instance UID differs from the request URL")
-            result = ingest(path, self.storage_dir, self.db, calling_ae=f"STOW:{client}"[:64])
+            result = ingest(
+                path,
+                self.storage_dir,
+                self.db,
+                calling_ae=f"STOW:{client}"[:64],
+                max_inflated_bytes=self.max_inflated_bytes,
+                router=self.router,
+            )
         except StoreError as exc:
-            METRICS.instances.labels(sop_class or "unknown", "failed", "dicomweb").inc()
+            METRICS.instances.labels(sop_class_label(sop_class), "failed", "dicomweb").inc()
             log.warning("STOW-RS part refused: 0x%04X %s", exc.status, exc.comment)
             return ("failed", sop_class, sop_uid, None, None, exc.status)
         except Exception as exc:
-            METRICS.instances.labels(sop_class or "unknown", "failed", "dicomweb").inc()
+            METRICS.instances.labels(sop_class_label(sop_class), "failed", "dicomweb").inc()
             log.warning("STOW-RS part refused: %s", type(exc).__name__)
             return ("failed", sop_class, sop_uid, None, None, 0xC000)
-        METRICS.instances.labels(sop_class or "unknown", str(result.outcome), "dicomweb").inc()
-        series = str(read_header(result.path).get("SeriesInstanceUID", ""))
-        return ("ok", sop_class, result.sop_instance_uid, result.study_instance_uid, series, 0)
+        METRICS.instances.labels(sop_class_label(sop_class), str(result.outcome), "dicomweb").inc()
+        return ("ok", sop_class, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid, 0)

@@ -7,6 +7,10 @@ display transforms and are ignored. Orientation: the cancer pipeline expects eac
 acquired (left views facing right, right views facing left, the original's
 ``horizontal_flip: NO``); an image whose Patient Orientation says it is stored mirrored is
 mirrored back, and that is recorded.
+
+Nothing is decoded before its size is known to be bounded: ``read_dicom`` checks the image
+attributes against a pixel limit before the pixel data is read, and ``grey_pixels`` has each
+compressed frame's own header checked against them (``frames.py``) before a decoder runs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from mammonode.exam.orientation import Frame, Orientation, mirrored_per_header, mirrored_per_pixels
+from mammonode.pipeline.frames import DEFAULT_MAX_PIXELS, FrameHeaderError, check_pixel_data, check_pixel_limits
 
 
 class ImageInputError(ValueError):
@@ -49,14 +54,22 @@ class PreparedView:
         return self.orientation.convert(self.image, Frame.ACQUIRED, Frame.FACING_RIGHT)
 
 
-def grey_pixels(ds: Dataset) -> np.ndarray:
-    """Decoded pixels with Modality LUT applied and MONOCHROME1 inverted, as float32."""
+def grey_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decoded pixels with Modality LUT applied and MONOCHROME1 inverted, as float32.
+    Refused before decoding when the image, or what a compressed frame's header declares,
+    is not what the attributes say or exceeds ``max_pixels``."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise ImageInputError("data set has no pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ImageInputError("not a grey-scale image (SamplesPerPixel != 1)")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise ImageInputError("multi-frame images are not pipeline inputs")
+    try:
+        check_pixel_data(ds, max_pixels)
+    except FrameHeaderError as exc:
+        raise ImageInputError(f"pixel data not decoded: {exc}") from exc
+    except Exception as exc:  # pydicom's frame splitting raises on malformed encapsulation
+        raise ImageInputError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoders raise many different types
@@ -85,8 +98,8 @@ def grey_pixels(ds: Dataset) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def prepare_dicom(view: str, ds: Dataset, source: str) -> PreparedView:
-    image = grey_pixels(ds)
+def prepare_dicom(view: str, ds: Dataset, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedView:
+    image = grey_pixels(ds, max_pixels)
     mirrored, how = mirrored_per_header(view, ds), "patient_orientation"
     if mirrored is None:
         mirrored, how = mirrored_per_pixels(view, image), "pixels"
@@ -106,7 +119,18 @@ def prepare_dicom(view: str, ds: Dataset, source: str) -> PreparedView:
     )
 
 
-def read_dicom(path: Path) -> Dataset:
+def read_dicom(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """The whole data set; an image beyond ``max_pixels`` is refused from its header, before
+    its pixel data (as large as the image when not compressed) is read."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageInputError(f"{path}: not a readable DICOM file: {exc}") from exc
+    if "Rows" in header and "Columns" in header:
+        try:
+            check_pixel_limits(header, max_pixels)
+        except FrameHeaderError as exc:
+            raise ImageInputError(f"pixel data not read: {exc}") from exc
     try:
         return pydicom.dcmread(path)
     except Exception as exc:

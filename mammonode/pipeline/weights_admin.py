@@ -199,19 +199,118 @@ def install(source: str, weights_dir: Path, mark_test: bool = False) -> list[dic
     return rows
 
 
+def _calibration_images(channels: int, shape: tuple[int, int], count: int, seed: int) -> torch.Tensor:
+    """Standardised stand-ins for mammograms: a breast of random size and brightness with
+    smooth texture against a zero background, so that calibration sees the contrast and
+    the background share that real images have."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = shape
+    rows = torch.linspace(-1, 1, h)[:, None]
+    cols = torch.linspace(0, 1, w)[None, :]
+    images = []
+    for _ in range(count):
+        radius, brightness, contrast = (torch.rand(3, generator=gen) * torch.tensor([0.5, 3.0, 0.6])).tolist()
+        radius += 0.5
+        breast = ((rows / radius) ** 2 + ((1 - cols) / radius) ** 2 < 1).float()
+        coarse = torch.randn(1, 1, h // 16 + 1, w // 16 + 1, generator=gen)
+        texture = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        image = breast * (1 + brightness) * (1 + (0.2 + contrast) * texture).clamp_min(0)
+        image = (image - image.mean()) / image.std()
+        images.append(image.expand(channels, h, w))
+    return torch.stack(images)
+
+
+def _spread_density_logits(model: torch.nn.Module, seed: int) -> None:
+    """Scale and centre the last layer of a density model so that its logits vary by about
+    a third of a unit across calibration exams: random deep features differ little from exam to
+    exam, so without this every exam gets the same density."""
+    import numpy as np
+
+    from mammonode.exam.views import VIEWS
+    from mammonode.pipeline.density import histogram_features
+    from mammonode.pipeline.models.density_nets import DensityCNN
+
+    # The CNN needs full-size views (its valid convolutions leave nothing of smaller ones);
+    # normalised histograms hardly depend on size, so they take quarter-size ones.
+    shape = (2600, 2000) if isinstance(model, DensityCNN) else (650, 500)
+    exams = [
+        _calibration_images(1, shape, len(VIEWS), seed + n)[:, 0]
+        for n in range(4 if isinstance(model, DensityCNN) else 8)
+    ]
+    with torch.no_grad():
+        if isinstance(model, DensityCNN):
+            features = torch.stack(
+                [
+                    torch.cat([model.view_features(v, exam[i][None, None]) for i, v in enumerate(VIEWS)], dim=1)[0]
+                    for exam in exams
+                ]
+            )
+        else:
+            features = torch.stack(
+                [
+                    torch.from_numpy(
+                        np.asarray(histogram_features({v: exam[i].numpy() for i, v in enumerate(VIEWS)}), np.float32)
+                    ).flatten()
+                    for exam in exams
+                ]
+            )
+        hidden = torch.relu(model.fc1(features))
+        logits = model.fc2(hidden)
+        # Real exams land off the calibration's centre: a spread of a third of a unit there
+        # keeps them from saturating one category while they still differ.
+        centre, spread = logits.mean(0), logits.std(0).clamp_min(1e-12) * 3
+        model.fc2.weight.div_(spread[:, None])
+        model.fc2.bias.copy_((model.fc2.bias - centre) / spread)
+
+
+def _make_input_sensitive(name: str, model: torch.nn.Module, seed: int) -> None:
+    """What the shared test weights do to random weights, so that predictions move with the
+    input (pure random weights give outputs stuck near 0.5): BatchNorm running statistics
+    from a training-mode pass, output layers scaled (x8 for the cancer models, x300 for the
+    density CNN) with zero bias."""
+    from mammonode.pipeline.models.density_nets import DensityCNN, DensityHistogramModel
+
+    if isinstance(model, DensityCNN | DensityHistogramModel):
+        _spread_density_logits(model, seed)
+        return
+    resnet = getattr(model, "four_view_resnet", None)
+    if resnet is None:
+        return  # the patch model and the histogram model stay plain seeded initialisations
+    columns = {id(c): c for c in (resnet.cc, resnet.mlo)}.values()
+    channels = resnet.cc.first_conv.in_channels
+    with torch.no_grad():
+        for column in columns:
+            norms = [m for m in column.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average over the calibration batch
+            column.train()
+            column(_calibration_images(channels, (668, 484), 4, seed))
+            column.eval()
+            for norm in norms:
+                norm.momentum = 0.1
+        for layer_name, layer in model.named_modules():
+            if layer_name.startswith("output_layer") and hasattr(layer, "fc_layer"):
+                layer.fc_layer.weight.mul_(8)
+                layer.fc_layer.bias.zero_()
+
+
 def generate_test_weights(weights_dir: Path, seed: int = 0, models: tuple[str, ...] = tuple(MODELS)) -> Path:
     """Seeded random weights of each architecture, written in the original file formats
-    with a TEST_WEIGHTS marker. Their predictions mean nothing clinically; every result
-    made with them says so."""
+    with a TEST_WEIGHTS marker, made input-sensitive the way the shared test weights are.
+    Their predictions mean nothing clinically; every result made with them says so."""
     weights_dir.mkdir(parents=True, exist_ok=True)
     for name in models:
         model = spec(name)
         torch.manual_seed(seed)
-        state = {k: v.clone() for k, v in model.build().state_dict().items() if not k.endswith("num_batches_tracked")}
+        module = model.build()
+        _make_input_sensitive(name, module, seed)
+        state = {k: v.clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
         state = model.to_original(state)
         torch.save({model.nested_key: state} if model.nested_key else state, weights_dir / model.file)
     (weights_dir / TEST_MARKER).write_text(
-        f"Generated by mammonode (torch.manual_seed({seed})); seeded random weights for testing only. "
+        f"Generated by mammonode (torch.manual_seed({seed}), BatchNorm statistics from a calibration pass, "
+        "output layers scaled); seeded random weights for testing only. "
         "Predictions made with them mean nothing clinically.\n"
     )
     return weights_dir

@@ -1,6 +1,6 @@
-"""``mammonode serve``: the listeners, the study assembler, workers and the delivery sender
-in one process, with a clean stop on SIGTERM (no new associations, in-flight C-STOREs
-finish, a running job goes back to the queue)."""
+"""``mammonode serve``: the listeners, the study assembler, workers and the delivery senders
+(one per destination) in one process, with a clean stop on SIGTERM (no new associations,
+in-flight C-STOREs finish, a running job goes back to the queue)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from mammonode.ingest.dimse import DimseListener
 from mammonode.ingest.recovery import recover
 from mammonode.service.assembler import Assembler
 from mammonode.service.loop import Loop
-from mammonode.service.sender import DeliverySender
+from mammonode.service.notifier import notifiers
+from mammonode.service.sender import release_dead_claims, senders
 from mammonode.service.startup import StartupError, open_node_database
 from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
@@ -32,7 +33,12 @@ class Node:
         self.workers = [PipelineWorker(cfg, self.db) for _ in range(cfg.worker.concurrency)] if run_workers else []
         for index, worker in enumerate(self.workers):
             worker.name = f"worker-{index}"
-        self.loops: list[Loop] = [Assembler(cfg.study, self.db), DeliverySender(cfg, self.db), *self.workers]
+        self.loops: list[Loop] = [
+            Assembler(cfg.study, self.db),
+            *senders(cfg, self.db),
+            *notifiers(cfg, self.db),
+            *self.workers,
+        ]
         self.web = None
         if cfg.dicomweb.enabled:
             from mammonode.web.app import WebServer
@@ -58,6 +64,9 @@ class Node:
                 raise StartupError(f"HTTP port {web.host}:{web.port}: {exc.strerror or exc}") from None
         if self.workers:
             warn_missing_weights(self.workers[0].options)
+        # Before the senders start: what a killed process on this host was sending is due now,
+        # not after the claim timeout.
+        release_dead_claims(self.db)
         for loop in self.loops:
             thread = threading.Thread(target=loop.run, name=loop.name, daemon=True)
             thread.start()

@@ -137,9 +137,10 @@ class PipelineWorker(Loop):
         for view in (v for v in VIEWS if v in chosen):  # fewer than four: a partial run
             inst = chosen[view]
             try:
-                ds = read_dicom(self.cfg.storage_dir / inst.path)
+                max_pixels = self.cfg.pipeline.max_pixels
+                ds = read_dicom(self.cfg.storage_dir / inst.path, max_pixels)
                 self.patient_values.add_dataset(ds)
-                prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid)
+                prepared[view] = prepare_dicom(view, ds, inst.sop_instance_uid, max_pixels)
             except ImageInputError as exc:
                 raise ImageInputError(f"{view}: {exc}", view=view) from exc
             prepared[view].study_instance_uid = study.study_instance_uid

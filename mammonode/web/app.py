@@ -1,7 +1,8 @@
 """The node's HTTP side: DICOMweb (STOW-RS from ingest/, QIDO-RS, WADO-RS), the status page,
 ``/status`` and ``/metrics``, served by uvicorn inside ``mammonode serve``. When
 ``dicomweb.token`` is set every request, the status page included, needs
-``Authorization: Bearer <token>``.
+``Authorization: Bearer <token>``; with ``dicomweb.jwks_url`` (or ``jwks_file``) a JWT access
+token with the route's scope will do too (auth.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from starlette.routing import Route
 from mammonode.config import Config
 from mammonode.db.session import Database
 from mammonode.ingest.stow import StowHandler
-from mammonode.web.auth import BearerAuth
+from mammonode.web.auth import BearerAuth, exposure_warnings
 from mammonode.web.connections import guarded_protocol
 from mammonode.web.metrics import attach_database, metrics
+from mammonode.web.oidc import JwtVerifier
 from mammonode.web.qido import Qido
 from mammonode.web.status import StatusEndpoints
 from mammonode.web.wado import Wado
@@ -36,6 +38,8 @@ def create_app(cfg: Config, db: Database) -> Starlette:
         max_request_bytes=cfg.dicomweb.max_request_bytes,
         max_parts=cfg.dicomweb.max_parts,
         body_timeout_s=cfg.dicomweb.body_timeout_s,
+        max_inflated_bytes=cfg.storage.max_inflated_bytes,
+        rules=cfg.rules,
     )
     qido = Qido(cfg.storage_dir, db, base_url)
     wado = Wado(cfg.storage_dir, db, base_url)
@@ -59,7 +63,9 @@ def create_app(cfg: Config, db: Database) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", status.page, methods=["GET"]),
     ]
-    middleware = [Middleware(BearerAuth, token=cfg.dicomweb.token)] if cfg.dicomweb.token else []
+    web = cfg.dicomweb
+    verifier = JwtVerifier(web) if web.oidc else None
+    middleware = [Middleware(BearerAuth, token=web.token, verifier=verifier)] if web.token or verifier else []
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -70,6 +76,7 @@ class WebServer:
         import uvicorn
 
         web = cfg.dicomweb
+        self.cfg = cfg
         attach_database(db)
         self.config = uvicorn.Config(
             create_app(cfg, db),
@@ -103,6 +110,8 @@ class WebServer:
         log.info(
             "DICOMweb on %s:%s%s", self.config.host, self.config.port, " (TLS)" if self.config.ssl_certfile else ""
         )
+        for warning in exposure_warnings(self.cfg):
+            log.warning(warning)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -4,9 +4,9 @@ the header attributes that QIDO-RS matches and returns."""
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import pydicom
@@ -52,13 +52,47 @@ class Entry:
     path: Path
 
 
-@lru_cache(maxsize=4096)
-def _header(path: str, mtime_ns: int) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
+class HeaderCache:
+    """Parsed headers (pixel data left on disk), least recently used first out, bounded in
+    bytes: a header's size is what parsing it read from the file, so a peer's object with a
+    100 MB private element costs its bytes, not one slot of a count. Headers larger than
+    ``max_entry_bytes`` are parsed for each request and never kept."""
+
+    def __init__(self, max_bytes: int = 64 << 20, max_entry_bytes: int = 4 << 20):
+        self.max_bytes, self.max_entry_bytes = max_bytes, max_entry_bytes
+        self._entries: OrderedDict[tuple[str, int], tuple[Dataset, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def get(self, path: Path) -> Dataset:
+        key = (str(path), os.stat(path).st_mtime_ns)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit[0]
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            size = f.tell()
+        if size <= self.max_entry_bytes:
+            with self._lock:
+                if key not in self._entries:
+                    self._entries[key] = (ds, size)
+                    self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, (_, evicted) = self._entries.popitem(last=False)
+                    self.bytes -= evicted
+        return ds
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+HEADERS = HeaderCache()
 
 
 def header(path: Path) -> Dataset:
-    return _header(str(path), os.stat(path).st_mtime_ns)
+    return HEADERS.get(path)
 
 
 def entries(session: Session, storage_dir: Path, study_uid: str | None = None) -> list[Entry]:

@@ -388,3 +388,48 @@ def test_idle_and_slowloris_clients_are_capped_and_timed_out_and_status_keeps_an
         trickler.join(5)
         for s in idle + slow:
             s.close()
+
+
+def test_metrics_labels_never_take_a_peer_chosen_sop_class(node, stored):
+    """Each label value is a time series kept for the life of the process: a peer sending
+    parts under invented SOP classes must not grow /metrics (they count as "other")."""
+    from pydicom.uid import generate_uid
+
+    invented = [f"1.2.826.0.1.3680043.10.999.{n}" for n in range(12)]
+    template = exam_datasets(shape=(32, 32), patient_id="SURF1000")[0]
+    parts = []
+    for sop_class in invented:
+        template.SOPClassUID = template.file_meta.MediaStorageSOPClassUID = sop_class
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        parts.append(dicom_bytes(template))
+    body, ctype = multipart(parts)
+    r = requests.post(url(node, "/dicomweb/studies"), data=body, headers={**AUTH, "Content-Type": ctype}, timeout=60)
+    assert r.status_code in (200, 202, 409), r.text[:300]
+    metrics = requests.get(url(node, "/metrics"), headers=AUTH, timeout=10).text
+    assert not any(uid in metrics for uid in invented)
+    other = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mammonode_instances_received_total{") and 'sop_class="other"' in line
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in other) >= len(invented), other
+
+
+def test_the_header_cache_is_bounded_in_bytes(tmp_path):
+    """A header's cost is what parsing it read; one over the entry limit is never kept."""
+    from mammonode.web.catalog import HeaderCache
+
+    cache = HeaderCache(max_bytes=300_000, max_entry_bytes=150_000)
+    paths = []
+    for n, private_bytes in enumerate([100_000] * 5 + [200_000]):
+        ds = exam_datasets(shape=(32, 32), patient_id=f"CACHE{n}")[0]
+        ds.add_new(0x00091010, "LO", "MAMMONODE TEST")  # private creator
+        ds.add_new(0x00091001 | 0x1000, "OB", b"\0" * private_bytes)
+        path = tmp_path / f"{n}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    for path in paths:
+        assert cache.get(path).PatientID.startswith("CACHE")
+        assert cache.bytes <= 300_000
+    assert len(cache) == 2  # two 100 kB headers fit, the third evicts the oldest, 200 kB is not kept
+    assert cache.get(paths[-1]).PatientID == "CACHE5" and len(cache) == 2

@@ -26,7 +26,13 @@ def toml_value(value) -> str:
     raise TypeError(value)
 
 
-def write_config(path: Path, sections: dict, destinations: list[dict] | None = None) -> Path:
+def write_config(
+    path: Path,
+    sections: dict,
+    destinations: list[dict] | None = None,
+    notify: list[dict] | None = None,
+    rules: list[dict] | None = None,
+) -> Path:
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
@@ -34,6 +40,12 @@ def write_config(path: Path, sections: dict, destinations: list[dict] | None = N
     for dest in destinations or []:
         lines.append("[[destinations]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in dest.items()]
+    for hook in notify or []:
+        lines.append("[[notify]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in hook.items()]
+    for rule in rules or []:
+        lines.append("[[rules]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in rule.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -77,6 +89,8 @@ class NodeProcess:
         database_url: str = "",
         delivery: dict | None = None,
         dicomweb: dict | None = None,
+        notify: list[dict] | None = None,
+        rules: list[dict] | None = None,
     ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
@@ -86,7 +100,14 @@ class NodeProcess:
         self.log_path = tmp / "node.log"
         sections = {
             "node": {"ae_title": "MAMMONODE", "host": "127.0.0.1", "port": self.port, **(node or {})},
-            "dicomweb": {"host": "127.0.0.1", "port": self.web_port, **(dicomweb or {})},
+            "dicomweb": {
+                "enabled": True,
+                "host": "127.0.0.1",
+                "port": self.web_port,
+                # Tests without a token reach the HTTP side anonymously, which must be said explicitly.
+                "allow_anonymous": not (dicomweb or {}).get("token"),
+                **(dicomweb or {}),
+            },
             "storage": {"directory": str(self.storage)},
             "database": {"url": database_url},
             "study": {"quiet_period_s": 1.0, "incomplete_timeout_s": 600.0, **(study or {})},
@@ -105,7 +126,8 @@ class NodeProcess:
             "delivery": {"poll_interval_s": 0.5, "backoff_initial_s": 1.0, "backoff_max_s": 2.0, **(delivery or {})},
             "logging": {"level": "INFO", "json": True},
         }
-        self.config = write_config(tmp / "config.toml", sections, destinations)
+        self.config = write_config(tmp / "config.toml", sections, destinations, notify, rules)
+        self.config.chmod(0o600)  # as an operator keeps a file that may hold tokens
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> NodeProcess:
@@ -117,8 +139,13 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
         )
         if wait:
-            wait_port(self.port)
-            wait_port(self.web_port)
+            try:
+                wait_port(self.port, timeout=60)
+                wait_port(self.web_port, timeout=60)
+            except TimeoutError as exc:
+                # A node that never listened is not left running behind a failed fixture.
+                self.kill()
+                raise TimeoutError(f"{exc}; node log tail:\n{self.log()[-3000:]}") from None
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
