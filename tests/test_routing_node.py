@@ -8,12 +8,11 @@ Stored: kept and listed, never queued (state "stored"). Processed: as without ru
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from support.dicom import send_datasets
+from support.dicom import send_datasets, stow
 from support.node import NodeProcess
 
 from mammonode.demo.phantom import exam_datasets
@@ -112,27 +111,11 @@ def test_drop_store_and_process_by_c_store(node):
 def test_stow_rs_drop_is_acknowledged_and_calling_ae_rules_never_match(node, tmp_path):
     ct = as_ct(exam_datasets(shape=(64, 48), patient_id="ROUTE-STOW"))[0]
     mg = exam_datasets(shape=(64, 48), patient_id="ROUTE-STOW2")[0]
-    parts = []
-    for i, ds in enumerate((ct, mg)):
-        path = tmp_path / f"{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        parts.append(path.read_bytes())
-    boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
-    body += f"--{boundary}--\r\n".encode()
     before = routed(node)
-    response = requests.post(
-        f"http://127.0.0.1:{node.web_port}/dicomweb/studies",
-        data=body,
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    referenced = response.json()["00081199"]["Value"]
-    assert sorted(r["00081155"]["Value"][0] for r in referenced) == sorted([ct.SOPInstanceUID, mg.SOPInstanceUID])
+    code, response = stow(node, [ct, mg])
+    assert code == 200, response
+    referenced = [str(item.ReferencedSOPInstanceUID) for item in response.ReferencedSOPSequence]
+    assert sorted(referenced) == sorted([ct.SOPInstanceUID, mg.SOPInstanceUID])
     assert stored_files(node, str(ct.SOPInstanceUID)) == []
     assert study(node, str(ct.StudyInstanceUID)) is None
     # No calling AE title over STOW-RS: the "archive" rule never applies, the MG image is processed.

@@ -10,13 +10,11 @@ immutable database file), like the disk-full test.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
-import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -26,7 +24,7 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support.dicom import send_datasets
+from support.dicom import send_datasets, stow
 from support.node import NodeProcess, cli_json
 from support.paths import need_tool, temp_files
 
@@ -63,30 +61,6 @@ def c_store(port: int, datasets: list[Dataset]) -> list[tuple[int | None, str]]:
         out.append((status, str(rsp.get("ErrorComment", "")) if rsp is not None else ""))
     assoc.release()
     return out
-
-
-def stow(node, datasets: list[Dataset]) -> tuple[int, Dataset | None]:
-    """POST the data sets as one STOW-RS request: the HTTP status and the response."""
-    boundary = uuid.uuid4().hex
-    body = b""
-    for ds in datasets:
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    response = requests.post(
-        f"http://127.0.0.1:{node.web_port}/dicomweb/studies",
-        data=body,
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
-        timeout=60,
-    )
-    try:
-        return response.status_code, Dataset.from_json(json.loads(response.content))
-    except ValueError:
-        return response.status_code, None
 
 
 def failure_reasons(response: Dataset | None) -> list[int]:

@@ -14,21 +14,12 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from support.dicom import send_datasets
+from support.node import wait_for
 
 from mammonode.demo.phantom import exam_datasets
 
 pytestmark = pytest.mark.network
 A_ABORT_BY_USER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-
-
-def wait_for(condition, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return condition()
 
 
 def rss_mb(pid: int) -> float:

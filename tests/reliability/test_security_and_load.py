@@ -16,7 +16,7 @@ from common import make_exams  # noqa: E402  (the benchmarks make their studies 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from support.paths import need_shared, need_tool, temp_files
-from support.pki import make_pki
+from support.pki import make_pki, tls_node_settings
 
 pytestmark = pytest.mark.network
 
@@ -25,12 +25,7 @@ def test_dimse_over_mutual_tls_with_dcmtk(node_factory, tmp_path):
     pki = make_pki(tmp_path / "pki")
     node = node_factory(
         worker={"enabled": False},
-        node={
-            "tls": True,
-            "tls_cert": str(pki["server.crt"]),
-            "tls_key": str(pki["server.key"]),
-            "tls_client_ca": str(pki["ca.crt"]),
-        },
+        node=tls_node_settings(pki),
     ).start()
     files = sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))[:1]
     storescu = need_tool("storescu")

@@ -13,7 +13,8 @@ import pytest
 import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from support.pki import make_pki
+from support.node import wait_for
+from support.pki import make_pki, tls_node_settings
 
 pytestmark = pytest.mark.network
 SILENT = 5
@@ -25,16 +26,6 @@ def threads(pid: int) -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     raise AssertionError("no Threads line")
-
-
-def wait_for(condition, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return condition()
 
 
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
@@ -70,13 +61,7 @@ def test_silent_tls_clients_do_not_block_dimse_associations(node_factory, tmp_pa
     pki = make_pki(tmp_path / "pki")
     node = node_factory(
         worker={"enabled": False},
-        node={
-            "tls": True,
-            "tls_cert": str(pki["server.crt"]),
-            "tls_key": str(pki["server.key"]),
-            "tls_client_ca": str(pki["ca.crt"]),
-            "acse_timeout_s": ACSE_TIMEOUT_S,
-        },
+        node=tls_node_settings(pki, acse_timeout_s=ACSE_TIMEOUT_S),
     ).start()
     ok, seconds = tls_echo(node.port, pki)  # warm up (imports, first association's threads)
     assert ok

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
+import uuid
 from pathlib import Path
+
+import requests
+from pydicom.dataset import Dataset
 
 from mammonode.exam.views import VIEWS
 from support.paths import need_shared, need_tool
@@ -60,3 +66,28 @@ def density_png_args() -> list[str]:
     for view in VIEWS:
         args += ["--png", f"{view}={folder / (view + '.png')}"]
     return args + ["--png-mirrored", "R-CC", "--png-mirrored", "R-MLO"]
+
+
+def stow(node, datasets: list[Dataset]) -> tuple[int, Dataset | None]:
+    """POST the data sets as one STOW-RS request to a node without a token (anonymous
+    access allowed): the HTTP status and the response."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    response = requests.post(
+        f"http://127.0.0.1:{node.web_port}/dicomweb/studies",
+        data=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+        timeout=60,
+    )
+    try:
+        return response.status_code, Dataset.from_json(json.loads(response.content))
+    except ValueError:
+        return response.status_code, None

@@ -184,3 +184,14 @@ class NodeProcess:
                 return last
             time.sleep(interval)
         raise TimeoutError(f"timed out waiting for {what}; node log tail:\n{self.log()[-3000:]}")
+
+
+def wait_for(condition, timeout: float, step: float = 0.1):
+    """Poll ``condition`` until it returns something true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    return condition()

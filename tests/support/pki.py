@@ -66,3 +66,14 @@ def make_pki(folder: Path) -> dict[str, Path]:
             cwd=folder,
         )
     return {p.stem + p.suffix: p for p in folder.iterdir()}
+
+
+def tls_node_settings(pki: dict[str, Path], **extra) -> dict:
+    """The [node] settings of a node serving DIMSE over mutual TLS with this PKI."""
+    return {
+        "tls": True,
+        "tls_cert": str(pki["server.crt"]),
+        "tls_key": str(pki["server.key"]),
+        "tls_client_ca": str(pki["ca.crt"]),
+        **extra,
+    }
