@@ -103,6 +103,10 @@ def test_separate_worker_process_runs_the_job(node_factory, histogram_weights):
         assert any(w["alive"] for w in status["workers"])
         detail = node.study(uid)
         assert detail["result"]["density"]["histogram"]["category"] in "abcd"
+        # The human view shows the four probabilities too (rich once took "[a=…]" for markup).
+        probabilities = detail["result"]["density"]["histogram"]["probabilities"]
+        shown = " ".join(f"{c}={p:.2f}" for c, p in zip("abcd", probabilities))
+        assert f"[{shown}]" in cli("study", uid, config=node.config).stdout
     finally:
         worker.terminate()
         assert worker.wait(30) == 0

@@ -50,7 +50,8 @@ def _print_scores(result: dict | None) -> None:
             )
     for model, dens in (result.get("density") or {}).items():
         probs = " ".join(f"{c}={p:.2f}" for c, p in zip("abcd", dens["probabilities"]))
-        console.print(f"density ({model}): BI-RADS {dens['category']} [{probs}]", highlight=False)
+        # markup=False: rich would read "[a=0.08 …]" as a style tag and drop it.
+        console.print(f"density ({model}): BI-RADS {dens['category']} [{probs}]", highlight=False, markup=False)
     ran = ", ".join(result.get("models") or {}) or "none"
     console.print(f"models run: {ran} (device {result.get('device')})", highlight=False)
     for name, reason in (result.get("skipped") or {}).items():

@@ -12,6 +12,7 @@ directory is removed at the end unless ``--keep`` (or ``--workdir``) is given.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -145,7 +146,9 @@ def _print_results(detail: dict, storage_dir: Path, received: int) -> None:
     print("result objects:")
     for r in detail["results"]:
         states = ",".join(d["state"] for d in r["deliveries"])
-        print(f"  {r['kind']:<22} {storage_dir / r['path']}  (to the demo PACS: {states})")
+        # An object with no delivery row is kept, not sent (the CAD SR of test weights).
+        where = f"to the demo PACS: {states}" if states else "kept here, not sent"
+        print(f"  {r['kind']:<22} {storage_dir / r['path']}  ({where})")
     print(f"the demo PACS received {received} result objects back")
 
 
@@ -216,6 +219,15 @@ def run_demo(full: bool = False, workdir: Path | None = None, keep: bool = False
             if not keep:
                 png = Path(shutil.copy(png, Path.cwd() / "mammonode-demo-summary.png"))
             print(f"summary image: {png}")
+        if keep:
+            # What the admin commands need to read the kept node (storage holds its database).
+            kept = work / "config.toml"
+            kept.write_text(
+                f"[storage]\ndirectory = {json.dumps(str(cfg.storage_dir))}\n"
+                f"[pipeline]\nweights_dir = {json.dumps(str(weights_dir))}\n"
+            )
+            print(f"inspect the kept node: mammonode studies --config {kept}")
+            print(f"                       mammonode study {study_uid[:16]} --config {kept}")
         if test_weights:
             print("TEST WEIGHTS - NOT FOR CLINICAL USE (see above).")
         print(NEXT_STEPS)
