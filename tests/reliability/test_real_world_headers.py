@@ -112,8 +112,8 @@ def _worker_failing_with(monkeypatch, db, tmp_path, error: Exception):  # noqa: 
         header.PatientBirthDate = BIRTH_DATE
     header.PatientName = NAME
     header.PatientID = "PID1"
-    monkeypatch.setattr(worker_module, "read_dicom", lambda path: header)
-    monkeypatch.setattr(worker_module, "prepare_dicom", lambda view, ds, sop: SimpleNamespace())
+    monkeypatch.setattr(worker_module, "read_dicom", lambda path, max_pixels=None: header)
+    monkeypatch.setattr(worker_module, "prepare_dicom", lambda view, ds, sop, max_pixels=None: SimpleNamespace())
     monkeypatch.setattr(worker_module, "without_pixels", lambda ds: ds)
 
     def fail(*args, **kwargs):
