@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,22 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, SHARED
+from common import (
+    EXAM_MODELS,
+    IMAGEWISE_MODELS,
+    REPO,
+    SHARED,
+    VIEWS,
+    deviations,
+    imagewise_deviations,
+    result_heatmaps,
+    weights_dir,
+)
 
-LABELS = ("left_benign", "right_benign", "left_malignant", "right_malignant")
-VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
-EXAM_MODELS = "image_only,image_heatmaps,density_histogram,density_cnn"
-IMAGEWISE_MODELS = "image_only_imagewise,image_heatmaps_imagewise"
 IMAGEWISE_STAGES = ("imagewise_heatmaps", "image_only_imagewise", "image_heatmaps_imagewise")
-
-
-def weights_dir(tmp: Path) -> Path:
-    target = tmp / "weights"
-    target.mkdir()
-    for f in (SHARED / "weights" / "test").iterdir():
-        shutil.copy(f, target / f.name)
-    shutil.copy(SHARED / "weights" / "official" / "density_histogram_model.p", target)
-    return target
 
 
 def child(mode: str, device: str, weights: Path, heatmaps_out: Path, models: str) -> None:
@@ -60,13 +56,8 @@ def child(mode: str, device: str, weights: Path, heatmaps_out: Path, models: str
     result = run_pipeline(prepared, options, {"prepare": seconds})
     wall = time.perf_counter() - start
     heatmaps_out.mkdir(parents=True, exist_ok=True)
-    for view, v in result.views.items():
-        if v.heatmap_malignant is not None:
-            np.save(heatmaps_out / f"{view}_malignant.npy", v.heatmap_malignant)
-            np.save(heatmaps_out / f"{view}_benign.npy", v.heatmap_benign)
-        if v.imagewise is not None:
-            np.save(heatmaps_out / f"{view}_imagewise_malignant.npy", v.imagewise.malignant)
-            np.save(heatmaps_out / f"{view}_imagewise_benign.npy", v.imagewise.benign)
+    for name, heatmap in result_heatmaps(result).items():
+        np.save(heatmaps_out / f"{name}.npy", heatmap)
     data = result.as_dict()
     data["wall_s"] = wall
     data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -115,56 +106,6 @@ def raw_throughput(device: str) -> dict:
         out[f"batch{batch}_fp32_channels_last"] = bench(batch, True, False, repeats)
         out[f"batch{batch}_bf16_autocast_channels_last"] = bench(batch, True, True, repeats)
     return out
-
-
-def block8(h: np.ndarray) -> np.ndarray:
-    r, c = (h.shape[0] // 8) * 8, (h.shape[1] // 8) * 8
-    return h[:r, :c].reshape(r // 8, 8, c // 8, 8).mean(axis=(1, 3), dtype=np.float64)
-
-
-def deviations(run: dict, heatmaps: Path, reference: dict) -> dict:
-    heat = max(
-        float(
-            np.abs(
-                block8(np.load(heatmaps / f"{v}_{k}.npy"))
-                - np.load(SHARED / "reference" / f"heatmap_{v}_{k}_block8.npy")
-            ).max()
-        )
-        for v in VIEWS
-        for k in ("benign", "malignant")
-    )
-    ref = reference["cancer"]["augmented_seed0_epochs10"]
-    cancer = max(abs(run["cancer"][m][label] - ref[m][label]) for m in ref for label in LABELS)
-    dens = max(
-        max(abs(a - b) for a, b in zip(run["density"][m]["probabilities"], reference["density"][m]["probabilities"]))
-        for m in ("histogram", "cnn")
-    )
-    return {"heatmap_block8_max": heat, "cancer_max": cancer, "density_max": dens}
-
-
-def imagewise_deviations(run: dict, heatmaps: Path, reference: dict) -> dict:
-    """Largest deviation from the image-wise reference: heatmap block means, predictions."""
-    folder = SHARED / "reference" / "imagewise"
-    heat = max(
-        float(
-            np.abs(
-                block8(np.load(heatmaps / f"{v}_imagewise_{k}.npy"))
-                - np.load(folder / reference["views"][v]["heatmaps"][k]["block8_file"])
-            ).max()
-        )
-        for v in VIEWS
-        for k in ("benign", "malignant")
-    )
-    predictions = max(
-        abs(
-            run["images"][v][f"{m}_imagewise"][label]
-            - reference["views"][v]["predictions"][m]["augmented_seed0_epochs10"][label]
-        )
-        for v in VIEWS
-        for m in ("image_only", "image_heatmaps")
-        for label in ("benign", "malignant")
-    )
-    return {"heatmap_block8_max": heat, "predictions_max": predictions}
 
 
 def print_imagewise(name: str, run: dict, exam_total: float | None) -> None:
@@ -230,11 +171,12 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
             run = json.loads(line[7:])
+            heatmaps = {p.stem: np.load(p) for p in out.glob("*.npy")}
             if "images" in run:
-                run["imagewise_deviation"] = imagewise_deviations(run, out, iw_reference)
+                run["imagewise_deviation"] = imagewise_deviations(run, heatmaps, iw_reference)
                 imagewise_runs[name] = run
             else:
-                run["deviation"] = deviations(run, out, reference)
+                run["deviation"] = deviations(run, heatmaps, reference)
                 runs[name] = run
         raw = {} if args.imagewise_only else raw_throughput(args.device)
 
