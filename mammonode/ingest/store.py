@@ -177,24 +177,6 @@ def _copy_hashed(source: Path, target: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _link_hashed(source: Path, target: Path) -> tuple[str, int]:
-    """``target`` as a second name of the spool file (no copy: a received object costs its
-    size once on disk, not twice while it is stored), its bytes hashed and fsynced. Falls
-    back to a copy where a link cannot be made (the spool fell back to another filesystem)."""
-    try:
-        os.link(source, target)
-    except OSError:
-        return _copy_hashed(source, target)
-    digest = hashlib.sha256()
-    size = 0
-    with open(target, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return digest.hexdigest(), size
-
-
 def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
     value = ds.get(keyword)
     if value is None:
@@ -420,10 +402,7 @@ def _ingest(
     temp = layout.temporary_file()
     try:
         ensure_dir(layout.tmp_dir)
-        # A file in our own temporary area (a C-STORE or STOW-RS spool, an inflated copy) is
-        # linked; anything else (a file given by path) is copied, never shared.
-        ours = spool.resolve().is_relative_to(layout.tmp_dir.resolve())
-        digest, size = _link_hashed(spool, temp) if ours else _copy_hashed(spool, temp)
+        digest, size = _copy_hashed(spool, temp)
         final = layout.instance_path(study_uid, sop_uid, digest)
         meta = _meta(ds, uids, assignment, layout.relative(final), size, digest, calling_ae, routed)
         created = not final.exists()
