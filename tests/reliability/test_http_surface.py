@@ -268,7 +268,9 @@ def test_stow_part_cap_refuses_tens_of_thousands_of_tiny_parts_fast(node, stored
     response = raw_exchange(node, head, [body[i : i + 65536] for i in range(0, len(body), 65536)], wait=10)
     assert time.monotonic() - started < 5
     assert status_of(response) == 413 and b"parts" in response, response[:300]
-    assert requests.get(url(node, "/status"), headers=AUTH, timeout=5).json()["studies"] == before["studies"]
+    # No study came of it (counted over all states: the fixture's study moves on meanwhile).
+    after = requests.get(url(node, "/status"), headers=AUTH, timeout=5).json()["studies"]
+    assert sum(after.values()) == sum(before["studies"].values()), (before["studies"], after)
     node.wait_for(lambda: not spools(node), 10, interval=0.2, what="STOW spool removed after the part cap")
 
 
