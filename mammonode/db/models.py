@@ -189,16 +189,11 @@ class ResultObject(Base):
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result", cascade="all, delete-orphan")
 
 
-class Delivery(Base):
-    __tablename__ = "deliveries"
-    __table_args__ = (
-        UniqueConstraint("result_id", "destination"),
-        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
-    )
+class SendState:
+    """The columns of one send that is claimed, tried and retried with backoff until it is
+    delivered or given up: a result object to a destination (Delivery), an event to a
+    webhook (NotifyDelivery)."""
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id", ondelete="CASCADE"), index=True)
-    destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -208,6 +203,18 @@ class Delivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Delivery(SendState, Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
 
     result: Mapped[ResultObject] = relationship(back_populates="deliveries")
 
@@ -259,7 +266,7 @@ class NotifyEvent(Base):
     deliveries: Mapped[list[NotifyDelivery]] = relationship(back_populates="event", cascade="all, delete-orphan")
 
 
-class NotifyDelivery(Base):
+class NotifyDelivery(SendState, Base):
     """One event for one webhook: claimed, POSTed, retried with backoff (DeliveryState)."""
 
     __tablename__ = "notify_deliveries"
@@ -271,14 +278,5 @@ class NotifyDelivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     event_id: Mapped[int] = mapped_column(ForeignKey("notify_events.id", ondelete="CASCADE"), index=True)
     hook: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_error: Mapped[str | None] = mapped_column(Text)
-    last_status: Mapped[int | None] = mapped_column(Integer)
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     event: Mapped[NotifyEvent] = relationship(back_populates="deliveries")
