@@ -106,16 +106,6 @@ def _rows(node: NodeProcess, destination: str) -> list[sqlite3.Row]:
         db.close()
 
 
-def _wait(predicate, timeout: float, what: str, node: NodeProcess, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}; node log tail:\n{node.log()[-3000:]}")
-
-
 def _node(node_factory, tmp_path: Path, destinations: list[dict], delivery: dict) -> NodeProcess:
     """A node running only the fast density model, its Secondary Captures uncompressed."""
     weights = generate_test_weights(tmp_path / "weights", seed=0, models=("density_histogram",))
@@ -146,7 +136,7 @@ def test_a_hung_destination_holds_up_only_itself_and_is_retried_until_it_answers
             rows = _rows(node, "healthy")
             return rows if rows and set(healthy.stored) == {r["sop_instance_uid"] for r in rows} else None
 
-        routed = {r["sop_instance_uid"] for r in _wait(healthy_has_all, 120, "the healthy destination", node)}
+        routed = {r["sop_instance_uid"] for r in node.wait_for(healthy_has_all, 120, 0.1, "the healthy destination")}
         hung_now = _rows(node, "hung")
         # Everything reached the healthy destination while the hung one's first attempt still waited.
         assert hung.hung, "the hung destination was being sent to at the same time"
@@ -157,23 +147,26 @@ def test_a_hung_destination_holds_up_only_itself_and_is_retried_until_it_answers
         print(f"\nhealthy destination had all {len(routed)} objects {healthy_s:.2f} s after delivery began")
 
         def hung_retried():
+            # Every row failed at least twice and none went through; the rows retry in batches
+            # of their own (backoff jitter), so some may be in flight again at any moment.
             rows = _rows(node, "hung")
-            waiting = all(r["state"] == "pending" and r["attempts"] >= 2 for r in rows)
-            return rows if waiting else None
+            failed_twice = all(r["state"] in ("pending", "sending") and r["attempts"] >= 2 for r in rows)
+            return rows if failed_twice and any(r["state"] == "pending" for r in rows) else None
 
-        retried = _wait(hung_retried, 6 * timeout_s, "the hung destination retried with backoff", node, 0.05)
+        retried = node.wait_for(hung_retried, 8 * timeout_s, 0.05, "the hung destination retried with backoff")
         assert {r["sop_instance_uid"] for r in retried} == routed
-        assert all(r["next_attempt_at"] > r["claimed_at"] for r in retried), "due again only after a backoff"
+        waiting = [r for r in retried if r["state"] == "pending"]
+        assert all(r["next_attempt_at"] > r["claimed_at"] for r in waiting), "due again only after a backoff"
         assert any("no response within 6 s" in r["last_error"] for r in retried), [r["last_error"] for r in retried]
         assert healthy.stored == list(dict.fromkeys(healthy.stored)), "healthy: each object once"
 
         hung.fix()
         fixed_at = time.monotonic()
-        _wait(
+        node.wait_for(
             lambda: all(r["state"] == "delivered" for r in _rows(node, "hung")),
             3 * timeout_s,
+            0.1,
             "the fixed destination",
-            node,
         )
         print(f"once it answered, the hung destination had everything {time.monotonic() - fixed_at:.2f} s later")
         time.sleep(2 * 0.5)  # a few sender rounds: nothing is sent again
@@ -195,7 +188,7 @@ def test_kill_9_during_delivery_resumes_at_once_with_the_same_uids(node_factory,
             rows = _rows(node, "archive")
             return rows if archive.hung and rows and all(r["state"] == "sending" for r in rows) else None
 
-        claimed = _wait(in_flight, 120, "delivery in flight", node)
+        claimed = node.wait_for(in_flight, 120, 0.1, "delivery in flight")
         recorded = {r["sop_instance_uid"] for r in claimed}
         pid = node.proc.pid
         assert all(r["claimed_by"].startswith(f"{socket.gethostname()[:64]}:{pid}:") for r in claimed)
@@ -206,7 +199,7 @@ def test_kill_9_during_delivery_resumes_at_once_with_the_same_uids(node_factory,
         archive.fix()
         restarted = time.monotonic()
         node.start()
-        _wait(lambda: set(archive.stored) == recorded, 60, "delivery after the restart", node)
+        node.wait_for(lambda: set(archive.stored) == recorded, 60, 0.1, "delivery after the restart")
         resumed_s = time.monotonic() - restarted
         print(f"\nafter kill -9, all {len(recorded)} objects delivered {resumed_s:.2f} s after the restart began")
         time.sleep(1.0)
