@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import pydicom
 
 from mammonode.config import Destination
+from mammonode.delivery.http import OPENER
 from mammonode.delivery.status import Item, Outcome
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would re-send the request, bearer token included, to
-    whatever origin the Location names (turning the POST into a GET for 301-303). A redirect
-    is an error for that attempt; the object is not counted as delivered."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError with the redirect's code
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _stow_outcome(body: bytes, sop_uid: str) -> tuple[int | None, str]:
@@ -48,6 +35,7 @@ def send_stow(dest: Destination, items: list[Item], timeout_s: float = 60.0) -> 
     ``timeout_s`` bounds the connect and each socket read, so a service that never answers
     fails the attempt instead of holding the sender."""
     import urllib.error
+    import urllib.request
     import uuid
 
     outcome: dict[int, tuple[int | None, str]] = {}
@@ -77,7 +65,7 @@ def send_stow(dest: Destination, items: list[Item], timeout_s: float = 60.0) -> 
             headers["Authorization"] = f"Bearer {dest.token}"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with _OPENER.open(request, timeout=timeout_s) as response:
+            with OPENER.open(request, timeout=timeout_s) as response:
                 outcome[delivery_id] = _stow_outcome(response.read(), sop_uid)
         except urllib.error.HTTPError as exc:
             if exc.code in (202, 409):

@@ -14,19 +14,10 @@ import hmac
 import urllib.error
 import urllib.request
 
+from mammonode.delivery.http import OPENER
+
 SIGNATURE_HEADER = "X-Mammonode-Signature"
 TIMESTAMP_HEADER = "X-Mammonode-Timestamp"
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failed attempt: following it would re-send the body (and its PHI,
-    with ``include_phi``) wherever the Location points."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError with the redirect's code
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -46,7 +37,7 @@ def post_json(
         headers[SIGNATURE_HEADER] = signature(secret, timestamp, body)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
+        with OPENER.open(request, timeout=timeout_s) as response:
             response.read(65536)
             status = response.status
     except urllib.error.HTTPError as exc:
