@@ -122,6 +122,7 @@ class PipelineSection:
     precision: str = "fp32"
     heatmap_batch: int = 8
     threads: int = 0  # 0: all CPUs this process may use
+    compile: bool = False  # compile the patch model with TorchInductor once per worker (needs a C++ compiler)
     # An input image (Rows x Columns, and what a compressed frame's own header declares) larger than
     # this is refused before decoding, so a frame declaring gigapixels never reaches a decoder.
     max_pixels: int = 64 * 1024 * 1024
@@ -171,6 +172,10 @@ class Destination:
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     sr_sop_class: str = "comprehensive3d"  # or "comprehensive", for archives that refuse 3D SR
     iocm: bool = False  # send an IHE IOCM rejection note for results a newer version replaces
+    # DIMSE only: after sending, ask for storage commitment (N-ACTION); a delivery is committed
+    # on the peer's success N-EVENT-REPORT, shown as commit-timeout when none came in time.
+    storage_commitment: bool = False
+    commitment_timeout_s: float = 3600.0
 
     @property
     def kind(self) -> str:
@@ -193,6 +198,28 @@ class NotifyHook:
     include_phi: bool = False
     timeout_s: float = 10.0  # connect and each read; a slower hook fails the attempt
     max_attempts: int = 8  # attempts per event before it is given up (logged, an ERROR event)
+
+
+SOURCE_RETRIEVE = ("move", "get")
+
+
+@dataclass
+class Source:
+    """A PACS studies are pulled from (``mammonode pull``): a DIMSE peer (ae_title, host,
+    port; C-MOVE to node.ae_title, or C-GET on the puller's own association) or, when ``url``
+    is set, a DICOMweb service (QIDO-RS + WADO-RS, optional bearer ``token``)."""
+
+    name: str
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    retrieve: str = "move"  # "move": C-MOVE to node.ae_title (the node must be running); "get": C-GET
+    url: str = ""  # e.g. https://pacs.example.org/dicom-web
+    token: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "dicomweb" if self.url else "dimse"
 
 
 # Routing rules ([[rules]]): what each received instance is for. First match wins; an
@@ -259,6 +286,27 @@ class ResultsSection:
     cad_sr_with_test_weights: bool = False
 
 
+AUDIT_TRANSPORTS = ("", "tls", "udp")
+
+
+@dataclass
+class AuditSection:
+    """The audit trail (mammonode/audit/): a local JSON-lines file always; with ``transport``,
+    RFC 5424 syslog to an audit record repository, spooled on disk while it is unreachable."""
+
+    file: str = ""  # empty: <storage.directory>/audit/audit.jsonl
+    transport: str = ""  # "" (file only), "tls" (RFC 5425) or "udp" (RFC 5426)
+    host: str = ""
+    port: int = 0  # 0: 6514 for tls, 514 for udp
+    ca_file: str = ""  # PEM CA bundle the repository's certificate must chain to (tls)
+    cert_file: str = ""  # optional client certificate (tls, when the repository asks for one)
+    key_file: str = ""
+    app_name: str = "mammonode"  # APP-NAME of the syslog messages
+    source_id: str = ""  # AuditSourceID; empty: node.ae_title
+    enterprise_site_id: str = ""  # AuditEnterpriseSiteID; empty: left out
+    spool_max_messages: int = 50000  # unsent messages kept on disk; newer ones then go to the file only
+
+
 _SECTIONS = {
     "node": NodeSection,
     "dicomweb": DicomwebSection,
@@ -270,6 +318,7 @@ _SECTIONS = {
     "delivery": DeliverySection,
     "logging": LoggingSection,
     "results": ResultsSection,
+    "audit": AuditSection,
 }
 
 
@@ -285,9 +334,11 @@ class Config:
     delivery: DeliverySection = field(default_factory=DeliverySection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     results: ResultsSection = field(default_factory=ResultsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     destinations: list[Destination] = field(default_factory=list)
     notify: list[NotifyHook] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=lambda: [Rule(DEFAULT_RULE)])
+    sources: list[Source] = field(default_factory=list)
     source: str = "<defaults>"
 
     @property
@@ -303,6 +354,14 @@ class Config:
     @property
     def weights_dir(self) -> Path:
         return Path(self.pipeline.weights_dir)
+
+    @property
+    def audit_file(self) -> Path:
+        return Path(self.audit.file) if self.audit.file else self.storage_dir / "audit" / "audit.jsonl"
+
+    @property
+    def audit_spool_dir(self) -> Path:
+        return self.storage_dir / "audit" / "spool"
 
 
 def _coerce(value: Any, target: Any, key: str) -> Any:
@@ -400,7 +459,13 @@ def _destination(raw: Any, index: int) -> Destination:
         outputs=_outputs(raw.get("outputs", list(OUTPUTS)), f"{where}.outputs"),
         sr_sop_class=_coerce(raw.get("sr_sop_class", "comprehensive3d"), "", f"{where}.sr_sop_class"),
         iocm=_from_toml(raw.get("iocm", False), False, f"{where}.iocm"),
+        storage_commitment=_from_toml(raw.get("storage_commitment", False), False, f"{where}.storage_commitment"),
+        commitment_timeout_s=_from_toml(raw.get("commitment_timeout_s", 3600.0), 0.0, f"{where}.commitment_timeout_s"),
     )
+    if dest.storage_commitment and dest.url:
+        raise ConfigError(f"{where}.storage_commitment: DIMSE destinations only (this one has a url, STOW-RS)")
+    if not dest.commitment_timeout_s > 0:
+        raise ConfigError(f"{where}.commitment_timeout_s: must be more than 0, got {dest.commitment_timeout_s}")
     if dest.sr_sop_class not in SR_SOP_CLASSES:
         raise ConfigError(f"{where}.sr_sop_class: comprehensive3d or comprehensive, got {dest.sr_sop_class!r}")
     if dest.url and not re.match(r"^https?://", dest.url):
@@ -446,6 +511,56 @@ def _notify_hook(raw: Any, index: int) -> NotifyHook:
     if hook.max_attempts < 1:
         raise ConfigError(f"{where}.max_attempts: must be at least 1, got {hook.max_attempts}")
     return hook
+
+
+def _source(raw: Any, index: int) -> Source:
+    where = f"sources[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name for f in fields(Source)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+    web = "url" in raw
+    for key in ("name", "url") if web else ("name", "ae_title", "host", "port"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: missing (a source has ae_title, host and port, or a url)")
+    for key in ("ae_title", "host", "port", "retrieve") if web else ("token",):
+        if key in raw:
+            raise ConfigError(f"{where}.{key}: not for a {'DICOMweb' if web else 'DIMSE'} source")
+    defaults = Source(name="")
+    source = Source(**{key: _from_toml(value, getattr(defaults, key), f"{where}.{key}") for key, value in raw.items()})
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", source.name):
+        raise ConfigError(f"{where}.name: letters, digits, '.', '_' and '-' only, got {source.name!r}")
+    if web:
+        try:
+            parts = urlsplit(source.url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL with a host, got {source.url!r}")
+        return source
+    source.ae_title = _ae_title(source.ae_title, f"{where}.ae_title")
+    if not source.host.strip():
+        raise ConfigError(f"{where}.host: must not be empty")
+    if not 1 <= source.port <= 65535:
+        raise ConfigError(f"{where}.port: must be 1-65535, got {source.port}")
+    if source.retrieve not in SOURCE_RETRIEVE:
+        raise ConfigError(f"{where}.retrieve: move or get, got {source.retrieve!r}")
+    return source
+
+
+def _sources(raw: Any) -> list[Source]:
+    if not isinstance(raw, list):
+        raise ConfigError("sources: expected an array of tables ([[sources]])")
+    sources = [_source(item, i) for i, item in enumerate(raw)]
+    seen: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        if source.name in seen:
+            raise ConfigError(f"sources[{i}].name: {source.name!r} is also the name of sources[{seen[source.name]}]")
+        seen[source.name] = i
+    return sources
 
 
 def _validate_jwks_file(path: str) -> None:
@@ -557,6 +672,32 @@ def _rules(raw: Any) -> list[Rule]:
     return rules
 
 
+def _validate_audit(audit: AuditSection) -> None:
+    if audit.transport not in AUDIT_TRANSPORTS:
+        raise ConfigError(f'audit.transport: "tls", "udp" or "" (file only), got {audit.transport!r}')
+    if audit.spool_max_messages < 1:
+        raise ConfigError(f"audit.spool_max_messages: must be at least 1, got {audit.spool_max_messages}")
+    if not audit.transport:
+        return
+    if not audit.host.strip():
+        raise ConfigError(f"audit.host: required when audit.transport = {audit.transport!r}")
+    if audit.port == 0:
+        audit.port = 6514 if audit.transport == "tls" else 514
+    if not 1 <= audit.port <= 65535:
+        raise ConfigError(f"audit.port: must be 1-65535, got {audit.port}")
+    if not re.match(r"^[\x21-\x7e]{1,48}$", audit.app_name):
+        raise ConfigError(f"audit.app_name: 1-48 printable ASCII characters without spaces, got {audit.app_name!r}")
+    if audit.transport == "tls":
+        if bool(audit.cert_file) != bool(audit.key_file):
+            raise ConfigError("audit.key_file: cert_file and key_file go together")
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(audit, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"audit.{key}: {path} is not a readable file")
+    elif audit.ca_file or audit.cert_file or audit.key_file:
+        raise ConfigError('audit.ca_file: certificates apply to transport = "tls" only')
+
+
 def _validate(cfg: Config) -> None:
     cfg.node.ae_title = _ae_title(cfg.node.ae_title, "node.ae_title")
     for i, aet in enumerate(cfg.node.allowed_calling_aets):
@@ -616,6 +757,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"results.heatmap_threshold: a probability 0-1, got {cfg.results.heatmap_threshold}")
     if cfg.results.sc_compression not in SC_COMPRESSIONS:
         raise ConfigError(f"results.sc_compression: {', '.join(SC_COMPRESSIONS)}, got {cfg.results.sc_compression!r}")
+    _validate_audit(cfg.audit)
     names = [d.name for d in cfg.destinations]
     if len(names) != len(set(names)):
         raise ConfigError("destinations: names must be unique")
@@ -641,8 +783,8 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         raise ConfigError(f"{path}: config file not found")
     cfg = Config(source=str(path) if path.exists() else "<defaults>")
     for key in raw:
-        if key not in _SECTIONS and key not in ("destinations", "notify", "rules"):
-            known = ", ".join([*_SECTIONS, "destinations", "notify", "rules"])
+        if key not in _SECTIONS and key not in ("destinations", "notify", "rules", "sources"):
+            known = ", ".join([*_SECTIONS, "destinations", "notify", "rules", "sources"])
             raise ConfigError(f"{key}: unknown section (known: {known})")
     for name in _SECTIONS:
         section_raw = raw.get(name, {})
@@ -655,6 +797,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         raise ConfigError("notify: expected an array of tables ([[notify]])")
     cfg.notify = [_notify_hook(h, i) for i, h in enumerate(hooks)]
     cfg.rules = _rules(raw.get("rules", []))
+    cfg.sources = _sources(raw.get("sources", []))
 
     prefix = "MAMMONODE_"
     for var, value in environ.items():

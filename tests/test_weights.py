@@ -178,3 +178,39 @@ def test_generated_test_weights_give_predictions_that_move_with_the_input(tmp_pa
         ours, theirs = phantom_run["density"][model]["probabilities"], real_run["density"][model]["probabilities"]
         assert max(abs(a - b) for a, b in zip(ours, theirs)) > 0.05, (model, ours, theirs)
     assert real_run["test_weights"] is True
+
+
+def test_a_worker_cache_loads_each_model_once_and_reloads_a_replaced_file(tmp_path):
+    """A long-lived worker keeps its models between exams (issue 16); ``weights install`` of a
+    new file is picked up at the next run, and the result names the new file's checksum."""
+    import hashlib
+
+    from mammonode.demo.phantom import exam_datasets
+    from mammonode.exam.assignment import assign_view
+    from mammonode.pipeline.images import prepare_dicom
+    from mammonode.pipeline.loaded import ModelCache
+    from mammonode.pipeline.run import PipelineOptions, run_pipeline
+    from mammonode.pipeline.weights_admin import generate_test_weights
+
+    weights = generate_test_weights(tmp_path / "w", models=("density_histogram",), seed=1)
+    prepared = {}
+    for ds in exam_datasets(shape=(1000, 800)):
+        view = assign_view(ds).view
+        prepared[view] = prepare_dicom(view, ds, ds.SOPInstanceUID)
+    options = PipelineOptions(weights_dir=weights, device="cpu", models=("density_histogram",))
+    cache = ModelCache()
+    first = run_pipeline(prepared, options, cache=cache)
+    second = run_pipeline(prepared, options, cache=cache)
+    assert first.timing_s["load_models"] > 0 and second.timing_s["load_models"] == 0.0
+    assert len(cache) == 1 and second.density == first.density
+
+    path = weights / spec("density_histogram").file
+    old_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    generate_test_weights(tmp_path / "other", models=("density_histogram",), seed=2)
+    shutil.copyfile(tmp_path / "other" / path.name, path)  # what `weights install` does: a new file
+    third = run_pipeline(prepared, options, cache=cache)
+    new_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert new_sha != old_sha and third.timing_s["load_models"] > 0 and len(cache) == 1
+    assert first.models["density_histogram"].sha256 == old_sha
+    assert third.models["density_histogram"].sha256 == new_sha
+    assert third.density != first.density

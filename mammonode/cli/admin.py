@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from mammonode import audit
 from mammonode.cli.app import (
     ConfigOption,
     app,
@@ -90,6 +91,8 @@ def status(
             highlight=False,
         )
     console.print("deliveries: " + ", ".join(f"{k} {v}" for k, v in data["deliveries"].items()))
+    if any(data["commitments"].values()):
+        console.print("storage commitment: " + ", ".join(f"{k} {v}" for k, v in data["commitments"].items()))
     if data["oldest_waiting"]:
         o = data["oldest_waiting"]
         console.print(
@@ -107,13 +110,19 @@ def status(
     if data["quarantined_instances"]:
         console.print(f"[yellow]{data['quarantined_instances']} instances of another patient than their study[/yellow]")
     now = data["failing"]
-    if now["deliveries"] or now["studies"]:
+    if now["deliveries"] or now["studies"] or now["commitments"]:
         console.print("[bold red]failing now[/bold red]")
     for d in now["deliveries"]:
         retry = f", next try {local_time(d['next_attempt_at'])}" if d["next_attempt_at"] else ""
         console.print(
             f"  [red]delivery to {d['destination']}[/red]: {d['failed']} failed, {d['retrying']} retrying "
             f"({d['studies']} studies{retry}): {d['last_error']}",
+            highlight=False,
+        )
+    for c in now["commitments"]:
+        console.print(
+            f"  [red]storage commitment by {c['destination']}[/red]: {c['timeouts']} commit-timeout "
+            f"({c['studies']} studies; `mammonode retry UID` sends and asks again): {c['last_error']}",
             highlight=False,
         )
     for f in now["studies"]:
@@ -221,6 +230,14 @@ def study(
         console.print(f"result {r['kind']}: {cfg.storage_dir / r['path']} ({states})", highlight=False)
 
 
+def _audit_admin(cfg, study_uid: str, patient_id: str, action: str) -> None:
+    """110103 for an admin action that has a study's instances run (and results sent) again."""
+    audit.open_trail(cfg)
+    ctx = audit.context()
+    study = audit.StudyObjects(study_uid, patient_id)
+    audit.emit(audit.messages.instances_accessed(ctx.source, ctx.local_user(), study, action))
+
+
 @app.command()
 def retry(
     uid: str = UidArgument,
@@ -239,6 +256,9 @@ def retry(
         except ValueError as exc:
             err.print(str(exc))
             raise typer.Exit(1) from None
+        patient_id, study_uid = found.patient_id or "", found.study_instance_uid
+    if data["deliveries_reset"] or data["job_queued"]:
+        _audit_admin(cfg, study_uid, patient_id, "mammonode retry" + (" --force" if force else ""))
     if as_json:
         print_json(data)
     elif data["deliveries_reset"] or data["job_queued"]:
@@ -271,6 +291,8 @@ def process(
         except ValueError as exc:
             err.print(str(exc), highlight=False)
             raise typer.Exit(1) from None
+        patient_id, study_uid = found.patient_id or "", found.study_instance_uid
+    _audit_admin(cfg, study_uid, patient_id, "mammonode process")
     if as_json:
         print_json(data)
     elif data["partial"]:
@@ -295,6 +317,7 @@ def purge(
     from mammonode.ingest.layout import StorageLayout
     from mammonode.service.admin import purge as purge_action
 
+    audit.open_trail(cfg)  # the purge records one 110105 per study removed
     data = purge_action(open_db(cfg), StorageLayout(cfg.storage_dir), older_than, dry_run)
     if as_json:
         print_json(data)

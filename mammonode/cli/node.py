@@ -27,6 +27,10 @@ def serve(
     from mammonode.service.node import Node
     from mammonode.service.startup import StartupError
 
+    if not no_worker:
+        from mammonode.pipeline.runtime import keep_freed_buffers
+
+        keep_freed_buffers()  # before any thread starts (one malloc arena for the workers' threads)
     try:
         node = Node(cfg, workers=False if no_worker else None)
         if node.workers:
@@ -52,6 +56,9 @@ def worker(
     from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
     usable_device_or_exit(device or cfg.pipeline.device)
+    from mammonode.pipeline.runtime import keep_freed_buffers
+
+    keep_freed_buffers()  # before the worker threads start
     try:
         db = open_node_database(cfg)
     except StartupError as exc:

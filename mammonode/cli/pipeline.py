@@ -131,6 +131,9 @@ def predict(
     config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="the result as one JSON object on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display or per-stage lines on stderr"),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="compile the patch model first (pipeline.compile; pays off over many patches)"
+    ),
 ) -> None:
     """Run the pipeline on one exam and print the result (the node's workers call the same code).
     With only image-wise models, fewer than four views will do."""
@@ -156,6 +159,7 @@ def predict(
         models=chosen,
         precision=precision,
         heatmap_batch=heatmap_batch,
+        compile=compile_model or cfg.pipeline.compile,
     )
     try:
         prepared, seconds = prepare_exam(files or [], png, png_mirrored, allow_mixed=allow_mixed_studies)

@@ -79,6 +79,16 @@ class DeliveryState:
     ALL = (PENDING, SENDING, DELIVERED, FAILED, SUPERSEDED)
 
 
+class CommitmentState:
+    """A delivered object's storage commitment (Delivery.commitment); shown in place of
+    ``delivered`` by ``mammonode study`` and the status views."""
+
+    REQUESTED = "committing"  # N-ACTION accepted, no report yet
+    COMMITTED = "committed"  # the peer's N-EVENT-REPORT lists it as committed
+    TIMEOUT = "commit-timeout"  # no report within the destination's commitment_timeout_s
+    ALL = (REQUESTED, COMMITTED, TIMEOUT)
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -215,6 +225,13 @@ class Delivery(SendState, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
+    # Storage commitment (db.commitment), for destinations that ask for it: None (not asked),
+    # or a CommitmentState; the Transaction UID of the latest request, kept so that a report
+    # arriving late, or after a restart, is still matched.
+    commitment: Mapped[str | None] = mapped_column(String(16))
+    commit_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commit_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     result: Mapped[ResultObject] = relationship(back_populates="deliveries")
 

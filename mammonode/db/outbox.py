@@ -24,7 +24,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from mammonode.db import notifications
-from mammonode.db.models import Delivery, DeliveryState, ResultObject, Study, utcnow
+from mammonode.db.models import CommitmentState, Delivery, DeliveryState, ResultObject, Study, utcnow
 from mammonode.db.records import record_event
 from mammonode.db.session import locked
 
@@ -315,14 +315,21 @@ def record_attempts(
 
 def reset_for_retry(session: Session, study: Study, include_delivered: bool) -> int:
     """Failed (and, when asked, delivered) rows of the study's current result version back
-    to pending now; superseded versions are never sent again."""
+    to pending now, and delivered ones whose storage commitment timed out (sent and asked
+    again); superseded versions are never sent again."""
     count = 0
     query = select(Delivery).join(ResultObject).where(ResultObject.study_id == study.id)
     if study.result_version is not None:
         query = query.where(ResultObject.version_key == study.result_version)
     for delivery in session.execute(query).scalars():
-        if delivery.state == DeliveryState.FAILED or (include_delivered and delivery.state == DeliveryState.DELIVERED):
+        timed_out = delivery.state == DeliveryState.DELIVERED and delivery.commitment == CommitmentState.TIMEOUT
+        if (
+            delivery.state == DeliveryState.FAILED
+            or (include_delivered and delivery.state == DeliveryState.DELIVERED)
+            or timed_out
+        ):
             delivery.state = DeliveryState.PENDING
+            delivery.commitment = None
             delivery.attempts = 0
             delivery.next_attempt_at = utcnow()
             count += 1

@@ -12,10 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mammonode.db.assembly import is_ready, missing_views
+from mammonode.db.commitment import shown_state
 from mammonode.db.models import (
+    CommitmentState,
     Delivery,
     DeliveryState,
     Event,
+    Instance,
     Job,
     JobState,
     ResultObject,
@@ -150,7 +153,10 @@ def study_detail(session: Session, study: Study, quiet_period_s: float, show_phi
         deliveries = [
             {
                 "destination": d.destination,
-                "state": d.state,
+                "state": shown_state(d),  # committing / committed / commit-timeout for delivered
+                "commitment": d.commitment,  # storage commitment (db.commitment); None: not asked
+                "transaction_uid": d.commit_uid,
+                "committed_at": iso(d.committed_at),
                 "attempts": d.attempts,
                 "next_attempt_at": iso(d.next_attempt_at),
                 "last_error": d.last_error,
@@ -223,7 +229,30 @@ def failing(session: Session, limit: int = 10) -> dict:
                 "error": job.last_error if job is not None else None,
             }
         )
-    return {"deliveries": destinations, "studies": failed_studies}
+    return {"deliveries": destinations, "studies": failed_studies, "commitments": commit_timeouts(session)}
+
+
+def commit_timeouts(session: Session) -> list[dict]:
+    """Per destination, the delivered objects whose storage commitment report never came
+    (``commit-timeout``): the PACS has not confirmed it keeps them."""
+    rows = session.execute(
+        select(Delivery, ResultObject.study_id)
+        .join(ResultObject, Delivery.result_id == ResultObject.id)
+        .where(Delivery.state == DeliveryState.DELIVERED, Delivery.commitment == CommitmentState.TIMEOUT)
+        .order_by(Delivery.destination)
+    ).all()
+    by_destination: dict[str, list[tuple[Delivery, int]]] = {}
+    for delivery, study_id in rows:
+        by_destination.setdefault(delivery.destination, []).append((delivery, study_id))
+    return [
+        {
+            "destination": name,
+            "timeouts": len(items),
+            "studies": len({study_id for _, study_id in items}),
+            "last_error": items[-1][0].last_error,
+        }
+        for name, items in by_destination.items()
+    ]
 
 
 def status(
@@ -250,6 +279,14 @@ def status(
     deliveries = {state: 0 for state in DeliveryState.ALL}
     for state, count in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
         deliveries[state] = count
+    # Storage commitment of delivered objects (counted within "delivered" above).
+    commitments = {state: 0 for state in CommitmentState.ALL}
+    for state, count in session.execute(
+        select(Delivery.commitment, func.count())
+        .where(Delivery.state == DeliveryState.DELIVERED, Delivery.commitment.is_not(None))
+        .group_by(Delivery.commitment)
+    ):
+        commitments[state] = count
     now = utcnow()
     workers = [
         {
@@ -306,6 +343,7 @@ def status(
         "jobs": jobs,
         "running": running,
         "deliveries": deliveries,
+        "commitments": commitments,
         "failing": failing(session),
         "workers": workers,
         "oldest_waiting": None
@@ -319,3 +357,15 @@ def status(
         "quarantined_files": quarantined_files,
         "quarantined_instances": other_patient_count(session),
     }
+
+
+def held_instance_uids(session: Session, sop_instance_uids: list[str]) -> set[str]:
+    """Which of these SOP Instance UIDs the node already holds (``mammonode pull`` fetches
+    only the others). Asked in chunks: SQLite bounds the parameters of one statement."""
+    held: set[str] = set()
+    for start in range(0, len(sop_instance_uids), 500):
+        chunk = sop_instance_uids[start : start + 500]
+        held.update(
+            session.execute(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))).scalars()
+        )
+    return held

@@ -31,7 +31,7 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -40,8 +40,10 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from mammonode import audit
 from mammonode.config import Config
 from mammonode.db.session import Database
+from mammonode.ingest import commitment
 from mammonode.ingest.layout import StorageLayout, ensure_dir
 from mammonode.ingest.rules import match
 from mammonode.ingest.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreError, ingest
@@ -194,6 +196,11 @@ class AssociationState:
 
     started: float
     last_pdu: float
+    # For the audit trail: per study received, its patient and SOP class counts; whether
+    # any instance was new (action C) or all were already held (U); refused C-STOREs.
+    studies: dict[str, audit.StudyObjects] = field(default_factory=dict)
+    new_in: set[str] = field(default_factory=set)
+    refused: int = 0
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -236,6 +243,7 @@ class DimseListener:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        commitment.add_context(ae)  # storage commitment reports from destinations
         return ae
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -272,6 +280,7 @@ class DimseListener:
                 router=functools.partial(match, self.cfg.rules, calling_ae=calling),
             )
         except StoreError as exc:
+            self._audit_refused(assoc)
             METRICS.instances.labels(sop_class_label(request.AffectedSOPClassUID), "failed", "dimse").inc()
             log.warning("C-STORE refused: status 0x%04X %s (calling AE %s)", exc.status, exc.comment, calling)
             return _status(exc.status, exc.comment)
@@ -282,10 +291,65 @@ class DimseListener:
             with self._lock:
                 self._in_ingest.discard(spool_file)
         METRICS.instances.labels(sop_class_label(request.AffectedSOPClassUID), str(result.outcome), "dimse").inc()
+        self._audit_stored(assoc, result, str(request.AffectedSOPClassUID))
         log.debug(
             "stored instance %s of study %s (%s)", result.sop_instance_uid, result.study_instance_uid, result.outcome
         )
         return 0x0000
+
+    # -- audit trail ----------------------------------------------------------------------
+    def _audit_stored(self, assoc, result, sop_class_uid: str) -> None:
+        state = self._state(assoc)
+        if state is None or result.path is None:  # dropped by a rule: nothing was kept
+            return
+        study = state.studies.setdefault(result.study_instance_uid, audit.StudyObjects(result.study_instance_uid))
+        study.patient_id = study.patient_id or result.patient_id
+        study.add(sop_class_uid)
+        if result.outcome != "duplicate":
+            state.new_in.add(result.study_instance_uid)
+
+    def _audit_refused(self, assoc) -> None:
+        state = self._state(assoc)
+        if state is not None:
+            state.refused += 1
+
+    def _audit_association(self, assoc, state: AssociationState, how: str) -> None:
+        """One 110104 per study the association stored (IHE practice: per association and
+        study), the caller as source, this node as destination."""
+        ctx = audit.context()
+        if ctx is None:
+            return
+        peer = audit.Participant(assoc.requestor.ae_title, True, audit.messages.SOURCE, str(assoc.requestor.address))
+        us = ctx.node(False, audit.messages.DESTINATION, str(assoc.acceptor.address or ""))
+        problems = []
+        if state.refused:
+            problems.append(f"{state.refused} C-STORE requests of this association refused")
+        if how == "aborted":
+            problems.append("association aborted")
+        for uid, study in state.studies.items():
+            audit.emit(
+                audit.messages.instances_transferred(
+                    ctx.source,
+                    peer,
+                    us,
+                    study,
+                    action="C" if uid in state.new_in else "U",
+                    outcome=audit.messages.MINOR_FAILURE if problems else audit.messages.SUCCESS,
+                    description="; ".join(problems),
+                )
+            )
+
+    def _audit_rejected(self, assoc, reason: str) -> None:
+        ctx = audit.context()
+        if ctx is None:
+            return
+        address = str(assoc.requestor.address)
+        audit.emit_security_alert(  # rate-limited per address
+            audit.Participant(assoc.requestor.ae_title.strip() or "-", True, None, address),
+            f"{ctx.ae_title}@{self.cfg.node.host}:{self.port}",
+            f"association from {assoc.requestor.ae_title.strip()!r} at {address} rejected: {reason}",
+            audit.messages.NODE_AUTHENTICATION,
+        )
 
     def _handle_conn_open(self, event) -> None:
         max_pdu = self.cfg.node.max_pdu
@@ -311,6 +375,8 @@ class DimseListener:
         with self._lock:
             state = self._associations.pop(id(assoc), None)
         seconds = time.monotonic() - state.started if state else 0.0
+        if state is not None and state.studies:
+            self._audit_association(assoc, state, how)
         log.info(
             "association %s: calling AE %s from %s:%s, %.1f s",
             how,
@@ -338,12 +404,11 @@ class DimseListener:
     def _handle_rejected(self, event) -> None:
         METRICS.associations.labels("rejected").inc()
         assoc = event.assoc
+        reason = self._rejection_reason(assoc)
         log.warning(
-            "association rejected: calling AE %s from %s: %s",
-            assoc.requestor.ae_title,
-            assoc.requestor.address,
-            self._rejection_reason(assoc),
+            "association rejected: calling AE %s from %s: %s", assoc.requestor.ae_title, assoc.requestor.address, reason
         )
+        self._audit_rejected(assoc, reason)
 
     # -- spool sweep ----------------------------------------------------------------------
     def spool_max_age(self) -> float:
@@ -399,6 +464,7 @@ class DimseListener:
             (evt.EVT_ABORTED, self._handle_released, ["aborted"]),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_PDU_RECV, self._handle_pdu),
+            (evt.EVT_N_EVENT_REPORT, lambda event: commitment.handle_event_report(self.cfg, self.db, event)),
         ]
         configure_pynetdicom()
         spool_into(self.spool_dir)

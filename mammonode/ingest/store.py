@@ -99,6 +99,7 @@ class IngestResult:
     path: Path | None  # None when dropped
     series_instance_uid: str = ""
     rule: str | None = None  # the routing rule's name (None without rules)
+    patient_id: str = ""  # for the audit trail only; never logged
 
 
 def valid_uid(value: object) -> bool:
@@ -431,4 +432,5 @@ def _ingest(
         path=final,
         series_instance_uid=uids["SeriesInstanceUID"],
         rule=routed.rule.name if routed else None,
+        patient_id=meta.patient_id or "",
     )

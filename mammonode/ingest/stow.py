@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mammonode import audit
 from mammonode.config import Rule
 from mammonode.db.session import Database
 from mammonode.ingest.inflate import DEFAULT_MAX_INFLATED_BYTES, read_file_meta
@@ -245,9 +246,14 @@ class StowHandler:
             if not parts:
                 return JSONResponse({"error": "no DICOM parts in the request"}, status_code=400)
             client = request.client.host if request.client else "unknown"
+            kept: list = []  # (IngestResult, SOP class) of each part stored, for the audit trail
             results = [
-                await run_in_threadpool(self._store_part, path, kind, expected_study, client) for path, kind in parts
+                await run_in_threadpool(self._store_part, path, kind, expected_study, client, kept)
+                for path, kind in parts
             ]
+            if kept:
+                refused = sum(1 for r in results if r[0] != "ok")
+                await run_in_threadpool(_audit_stow, client, kept, refused)
         response = Dataset()
         stored = [r for r in results if r[0] == "ok"]
         failed = [r for r in results if r[0] != "ok"]
@@ -307,7 +313,7 @@ class StowHandler:
         if inflated is not None:
             os.replace(inflated, path)
 
-    def _store_part(self, path: Path, kind: str, expected_study: str | None, client: str):
+    def _store_part(self, path: Path, kind: str, expected_study: str | None, client: str, kept: list | None = None):
         sop_class = sop_uid = None
         try:
             if not kind.lower().startswith("application/dicom"):
@@ -340,4 +346,35 @@ class StowHandler:
             log.warning("STOW-RS part refused: %s", type(exc).__name__)
             return ("failed", sop_class, sop_uid, None, None, 0xC000)
         METRICS.instances.labels(sop_class_label(sop_class), str(result.outcome), "dicomweb").inc()
+        if kept is not None and result.path is not None:
+            kept.append((result, sop_class or ""))
         return ("ok", sop_class, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid, 0)
+
+
+def _audit_stow(client: str, kept: list, refused: int) -> None:
+    """110104 per study a STOW-RS request stored (as per DIMSE association and study): the
+    client as source, this node as destination."""
+    ctx = audit.context()
+    if ctx is None:
+        return
+    studies: dict[str, audit.StudyObjects] = {}
+    new_in = set()
+    for result, sop_class in kept:
+        study = studies.setdefault(result.study_instance_uid, audit.StudyObjects(result.study_instance_uid))
+        study.patient_id = study.patient_id or result.patient_id
+        study.add(sop_class)
+        if result.outcome != "duplicate":
+            new_in.add(result.study_instance_uid)
+    peer = audit.Participant("dicomweb-client", True, audit.messages.SOURCE, client)
+    for uid, study in studies.items():
+        audit.emit(
+            audit.messages.instances_transferred(
+                ctx.source,
+                peer,
+                ctx.node(False, audit.messages.DESTINATION),
+                study,
+                action="C" if uid in new_in else "U",
+                outcome=audit.messages.MINOR_FAILURE if refused else audit.messages.SUCCESS,
+                description=f"{refused} parts of this STOW-RS request refused" if refused else "",
+            )
+        )

@@ -22,7 +22,7 @@ from torch import nn
 
 from mammonode.pipeline import standardise
 from mammonode.pipeline.images import ImageInputError
-from mammonode.pipeline.inference import as_input, infer, prepare_model
+from mammonode.pipeline.inference import as_input, compile_fixed, infer, prepare_model
 from mammonode.pipeline.progress import Progress
 
 PATCH_SIZE = 256
@@ -131,12 +131,27 @@ class HeatmapStats:
 PatchRunner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def patch_runner(model: nn.Module, channels_last: bool = True, precision: str = "fp32") -> PatchRunner:
+def patch_runner(
+    model: nn.Module, channels_last: bool = True, precision: str = "fp32", compiled_batch: int = 0
+) -> PatchRunner:
+    """Softmax of the patch model for a batch of grey patches. With ``compiled_batch`` the
+    model is compiled for batches of that size (pipeline.compile), and a smaller last
+    batch is padded to it, so one compiled graph serves every batch."""
     device = next(model.parameters()).device
     model = prepare_model(model, channels_last)
+    if compiled_batch:
+        example = torch.zeros((compiled_batch, 1, PATCH_SIZE, PATCH_SIZE))
+        compiled = compile_fixed(model, as_input(example, device, channels_last), device, precision)
+        if compiled is None:
+            compiled_batch = 0
+        else:
+            model = compiled
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        logits = infer(model, as_input(batch, device, channels_last), device, precision)
+        count = len(batch)
+        if 0 < count < compiled_batch:
+            batch = torch.cat([batch, batch.new_zeros((compiled_batch - count, *batch.shape[1:]))])
+        logits = infer(model, as_input(batch, device, channels_last), device, precision)[:count]
         with torch.inference_mode():
             return torch.softmax(logits.float(), dim=1).cpu()
 

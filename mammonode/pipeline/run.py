@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mammonode import __version__
 from mammonode.exam.orientation import Frame, Orientation
@@ -34,6 +35,7 @@ from mammonode.pipeline.heatmaps import (
 )
 from mammonode.pipeline.images import ImageInputError, PreparedView
 from mammonode.pipeline.imagewise import ImagewiseHeatmaps
+from mammonode.pipeline.loaded import ModelCache
 from mammonode.pipeline.progress import Progress, Silent
 from mammonode.pipeline.registry import (
     CANCER_MODELS,
@@ -45,7 +47,7 @@ from mammonode.pipeline.registry import (
     needs_four_views,
 )
 from mammonode.pipeline.runtime import resolve_device
-from mammonode.pipeline.weights import ModelProvenance, WeightsError, load_model, model_file, provenance
+from mammonode.pipeline.weights import ModelProvenance, WeightsError, model_file
 
 DEFAULT_MODELS = SELECTABLE
 
@@ -62,6 +64,7 @@ class PipelineOptions:
     heatmap_batch: int = 8
     classifier_batch: int = 1
     threads: int | None = None
+    compile: bool = False  # compile the patch model (once per cache, i.e. once per worker)
 
     def parameters(self) -> dict:
         return {
@@ -234,16 +237,26 @@ def _crop_views(prepared: Mapping[str, PreparedView]) -> tuple[dict[str, np.ndar
     return crops, views
 
 
-def _patch_model(options: PipelineOptions, device, result: PipelineResult) -> Callable[[], PatchRunner]:
+def _patch_model(
+    options: PipelineOptions, device, result: PipelineResult, cache: ModelCache
+) -> Callable[[], PatchRunner]:
     """The patch model's runner, loaded when first asked for and shared by both heatmap stages."""
-    loaded: list[PatchRunner] = []
+    channels_last = device.type == "cpu"
 
     def get() -> PatchRunner:
-        if not loaded:
-            patch_model = load_model("patch", options.weights_dir).to(device)
-            result.models["patch"] = provenance(options.weights_dir, "patch")
-            loaded.append(patch_runner(patch_model, channels_last=device.type == "cpu", precision=options.precision))
-        return loaded[0]
+        runner, result.models["patch"] = cache.derived(
+            "patch",
+            options.weights_dir,
+            device,
+            f"runner:{options.precision}:{channels_last}:{options.compile and options.heatmap_batch}",
+            lambda model: patch_runner(
+                model,
+                channels_last=channels_last,
+                precision=options.precision,
+                compiled_batch=options.heatmap_batch if options.compile else 0,
+            ),
+        )
+        return runner
 
     return get
 
@@ -280,11 +293,16 @@ def _imagewise_heatmaps(
 
 
 def _imagewise(
-    name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress
+    name: str,
+    crops: dict[str, np.ndarray],
+    result: PipelineResult,
+    options: PipelineOptions,
+    device,
+    progress,
+    cache: ModelCache,
 ) -> None:
     """One image-wise model on every view given, each image on its own."""
-    model = load_model(name, options.weights_dir).to(device)
-    result.models[name] = provenance(options.weights_dir, name)
+    model, result.models[name] = cache.model(name, options.weights_dir, device)
     views = [v for v in VIEWS if v in crops]
     progress.stage(name, total=(options.epochs if options.augmentation else 1) * len(views), unit="passes")
     for view in views:
@@ -306,11 +324,16 @@ def _imagewise(
 
 
 def _cancer(
-    name: str, crops: dict[str, np.ndarray], result: PipelineResult, options: PipelineOptions, device, progress
+    name: str,
+    crops: dict[str, np.ndarray],
+    result: PipelineResult,
+    options: PipelineOptions,
+    device,
+    progress,
+    cache: ModelCache,
 ) -> None:
-    model = load_model(name, options.weights_dir).to(device)
+    model, result.models[name] = cache.model(name, options.weights_dir, device)
     progress.stage(name, total=options.epochs if options.augmentation else 1, unit="epochs")
-    result.models[name] = provenance(options.weights_dir, name)
     heatmaps = None
     if name == "image_heatmaps":
         heatmaps = {v: np.dstack([result.views[v].heatmap_benign, result.views[v].heatmap_malignant]) for v in VIEWS}
@@ -329,13 +352,15 @@ def _cancer(
     )
 
 
-def _density(names: list[str], prepared: Mapping[str, PreparedView], result: PipelineResult, options, device) -> None:
+def _density(
+    names: list[str], prepared: Mapping[str, PreparedView], result: PipelineResult, options, device, cache: ModelCache
+) -> None:
     facing_right = {v: prepared[v].facing_right for v in VIEWS}
     for name in names:
-        model = load_model(name, options.weights_dir).to(device)
-        result.models[name] = provenance(options.weights_dir, name)
+        on = torch.device("cpu") if name == "density_histogram" else device  # a histogram MLP: CPU work
+        model, result.models[name] = cache.model(name, options.weights_dir, on)
         if name == "density_histogram":
-            probs = density.histogram_probabilities(model.cpu(), facing_right)
+            probs = density.histogram_probabilities(model, facing_right)
         else:
             probs = density.cnn_probabilities(model, facing_right, device)
         result.density[name.removeprefix("density_")] = {"probabilities": probs, "category": density.category(probs)}
@@ -346,10 +371,15 @@ def run_pipeline(
     options: PipelineOptions,
     timing: dict[str, float] | None = None,
     progress: Progress | None = None,
+    cache: ModelCache | None = None,
 ) -> PipelineResult:
     """The exam's results. ``progress`` hears of each stage (and of patches and epochs).
-    With only image-wise models selected, any non-empty subset of the four views will do."""
+    With only image-wise models selected, any non-empty subset of the four views will do.
+    ``cache`` keeps the models loaded for the next run (a worker's); ``timing["load_models"]``
+    is what this run spent loading (included in the stage that first needed each model)."""
     progress = progress or Silent()
+    cache = cache if cache is not None else ModelCache()
+    cache.take_seconds()
     missing = [v for v in VIEWS if v not in prepared]
     if missing and needs_four_views(options.models):
         raise ImageInputError(f"the exam lacks views: {', '.join(missing)}")
@@ -372,7 +402,7 @@ def run_pipeline(
     with _timed(timing, "centers", progress):
         for view in result.views:
             result.views[view].best_center = best_center(crops[view], angle(view), result.views[view].crop)
-    patch = _patch_model(options, device, result)
+    patch = _patch_model(options, device, result, cache)
     exam_heatmaps = None
     if "image_heatmaps" in models_to_run:
         with _timed(timing, "heatmaps", progress):
@@ -380,18 +410,19 @@ def run_pipeline(
     for name in CANCER_MODELS:
         if name in models_to_run:
             with _timed(timing, name, progress):
-                _cancer(name, crops, result, options, device, progress)
+                _cancer(name, crops, result, options, device, progress, cache)
     density_models = [m for m in DENSITY_MODELS if m in models_to_run]
     if density_models:
         with _timed(timing, "density", progress):
-            _density(density_models, prepared, result, options, device)
+            _density(density_models, prepared, result, options, device, cache)
     if "image_heatmaps_imagewise" in models_to_run:
         with _timed(timing, imagewise.STAGE, progress):
             _imagewise_heatmaps(crops, result, options, patch(), progress, exam_heatmaps)
     for name in IMAGEWISE_MODELS:
         if name in models_to_run:
             with _timed(timing, name, progress):
-                _imagewise(name, crops, result, options, device, progress)
+                _imagewise(name, crops, result, options, device, progress, cache)
+    timing["load_models"] = cache.take_seconds()
     timing["total"] = timing.get("prepare", 0.0) + time.perf_counter() - total_start
     result.timing_s = timing
     return result

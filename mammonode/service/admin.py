@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from mammonode import audit
 from mammonode.db import admin
 from mammonode.db.session import Database
 from mammonode.ingest.layout import StorageLayout
@@ -15,6 +16,7 @@ def purge(db: Database, layout: StorageLayout, older_than_days: float, dry_run: 
     with db.session() as session:
         studies, pending = admin.purgeable(session, older_than_days)
         removed = [study.study_instance_uid for study in studies]
+        patients = {study.study_instance_uid: study.patient_id or "" for study in studies}
         freed = sum(
             path.stat().st_size
             for study in studies
@@ -28,6 +30,11 @@ def purge(db: Database, layout: StorageLayout, older_than_days: float, dry_run: 
                 for folder in layout.study_dirs(study.study_instance_uid):
                     shutil.rmtree(folder, ignore_errors=True)
                 session.delete(study)
+    ctx = audit.context()
+    if ctx is not None and not dry_run:
+        for uid in removed:  # 110105 once the removal is committed
+            study = audit.StudyObjects(uid, patients[uid])
+            audit.emit(audit.messages.study_deleted(ctx.source, ctx.local_user(), study))
     return {
         "removed": len(removed),
         "skipped_pending_deliveries": pending,

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+from mammonode import audit
 from mammonode.config import Config
 from mammonode.ingest.dimse import DimseListener
 from mammonode.ingest.recovery import recover
@@ -21,6 +22,15 @@ from mammonode.service.startup import StartupError, open_node_database
 from mammonode.service.worker import PipelineWorker, warn_missing_weights
 
 log = logging.getLogger(__name__)
+
+
+def _audit_activity(started: bool) -> None:
+    """110100 Application Activity: start once listening, stop once every listener closed."""
+    ctx = audit.context()
+    if ctx is not None:
+        app = ctx.node(False, audit.messages.APPLICATION)
+        launcher = audit.Participant(ctx.local_user().user_id, True, audit.messages.APPLICATION_LAUNCHER)
+        audit.emit(audit.messages.application_activity(ctx.source, app, started, launcher))
 
 
 class Node:
@@ -89,12 +99,16 @@ class Node:
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
+        audit.open_trail(self.cfg, send=True)
         self.start()
+        _audit_activity(started=True)
         try:
             while not self.stop_event.is_set():
                 time.sleep(0.2)
         finally:
             self.stop()
+        _audit_activity(started=False)
+        audit.close_trail()
         if any(t.is_alive() for t in self.threads if t.name.startswith("worker")):
             # A worker may be inside PyTorch; its job is already back in the queue. Interpreter
             # shutdown under a running native thread can abort, so leave without it.

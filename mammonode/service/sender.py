@@ -15,10 +15,12 @@ import secrets
 import socket
 import time
 
-from mammonode import delivery
-from mammonode.config import Config
-from mammonode.db import outbox
+from mammonode import audit, delivery
+from mammonode.config import Config, Destination
+from mammonode.db import commitment, outbox
 from mammonode.db.session import Database
+from mammonode.delivery.commitment import Requested
+from mammonode.delivery.commitment import request_commitment as request_commitment_from
 from mammonode.delivery.status import Item, Outcome, is_delivered
 from mammonode.metrics import METRICS
 from mammonode.service.loop import Loop
@@ -108,6 +110,16 @@ class DeliverySender(Loop):
             else:
                 outcome = delivery.send(dest, items, self.cfg.node.ae_title, self.cfg.delivery.timeout_s)
             self._record(name, outcome, study_of)
+            if dest is not None:
+                audit_sent(self.db, dest, items, outcome, study_of)
+            if dest is not None and dest.storage_commitment:
+                delivered = [i for i, (status, _) in outcome.items() if is_delivered(status)]
+                if delivered:
+                    request_commitment(self.cfg, self.db, dest, delivered)
+        for dest in destinations.values():
+            if dest.storage_commitment and (self.destination in (None, dest.name)) and not self.unconfigured:
+                with self.db.session() as session:
+                    commitment.expire(session, dest.name, dest.commitment_timeout_s)
         return bool(claimed)
 
     def _record(self, destination: str, outcome: Outcome, study_of: dict[int, str]) -> None:
@@ -133,6 +145,75 @@ class DeliverySender(Loop):
                 len(attempts),
                 "; ".join(reasons)[:500],
             )
+
+
+def request_commitment(cfg: Config, db: Database, dest: Destination, delivery_ids: list[int]) -> None:
+    """Storage commitment for rows just delivered to ``dest``: the Transaction UID is stored
+    first, then the N-ACTION sent; a report on the same association is applied at once, one
+    on a new association by the listener (ingest/dimse.py)."""
+    d = cfg.delivery
+    backoff = (d.backoff_initial_s, d.backoff_max_s)
+    with db.session() as session:
+        transaction_uid, references = commitment.prepare(session, delivery_ids)
+    if not references:
+        return
+    try:
+        asked = request_commitment_from(dest, transaction_uid, references, cfg.node.ae_title, d.timeout_s)
+    except Exception as exc:  # pynetdicom or TLS errors past the connect; the rows must not stay committing
+        asked = Requested(False, f"{type(exc).__name__}: {exc}")
+    applied = None
+    with db.session() as session:
+        if not asked.accepted:
+            commitment.request_failed(session, transaction_uid, asked.message, d.max_attempts, backoff)
+        elif asked.report is not None:
+            report = commitment.report_from_dataset(asked.report)
+            applied = commitment.apply_report(session, report, d.max_attempts, backoff)
+    if not asked.accepted:
+        log.warning("storage commitment request to %s failed: %s", dest.name, asked.message)
+        return
+    log.info(
+        "storage commitment of %d objects requested from %s (transaction %s)",
+        len(references),
+        dest.name,
+        transaction_uid,
+    )
+    if applied is not None:
+        log.info(
+            "storage commitment report from %s on the same association, transaction %s: %d committed, %d to send again",
+            dest.name,
+            transaction_uid,
+            applied.committed,
+            applied.resent,
+        )
+
+
+def audit_sent(db: Database, dest: Destination, items: list[Item], outcome: Outcome, study_of: dict[int, str]) -> None:
+    """110104 (action R) per study with objects this attempt delivered: this node as source,
+    the destination as destination."""
+    ctx = audit.context()
+    if ctx is None:
+        return
+    from mammonode.db.models import Study
+
+    studies: dict[str, audit.StudyObjects] = {}
+    for delivery_id, _path, sop_class_uid in items:
+        if is_delivered(outcome.get(delivery_id, (None, ""))[0]):
+            uid = study_of[delivery_id]
+            studies.setdefault(uid, audit.StudyObjects(uid)).add(sop_class_uid)
+    if not studies:
+        return
+    with db.session() as session:
+        for row in session.query(Study.study_instance_uid, Study.patient_id).filter(
+            Study.study_instance_uid.in_(list(studies))
+        ):
+            studies[row.study_instance_uid].patient_id = row.patient_id or ""
+    target = audit.Participant(dest.ae_title or dest.url, False, audit.messages.DESTINATION, dest.host)
+    for study in studies.values():
+        audit.emit(
+            audit.messages.instances_transferred(
+                ctx.source, ctx.node(True, audit.messages.SOURCE), target, study, action="R"
+            )
+        )
 
 
 def senders(cfg: Config, db: Database) -> list[DeliverySender]:

@@ -28,6 +28,7 @@ from mammonode.db.session import Database
 from mammonode.exam.views import VIEWS
 from mammonode.metrics import METRICS
 from mammonode.pipeline.images import ImageInputError, PreparedView, prepare_dicom, read_dicom, without_pixels
+from mammonode.pipeline.loaded import ModelCache
 from mammonode.pipeline.progress import LogLines
 from mammonode.pipeline.registry import IMAGEWISE_MODELS
 from mammonode.pipeline.run import PipelineOptions, plan_models, run_pipeline
@@ -54,6 +55,7 @@ def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
         precision=p.precision,
         heatmap_batch=p.heatmap_batch,
         threads=p.threads or None,
+        compile=p.compile,
     )
     if p.models:
         options.models = tuple(p.models)
@@ -118,6 +120,7 @@ class PipelineWorker(Loop):
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.current_job: int | None = None
         self.patient_values = PatientValues()  # the current job's, hidden in its error messages
+        self.models = ModelCache()  # loaded at the first job, kept for the next ones
 
     # -- one job --------------------------------------------------------------------------
     def _inputs(self, claimed: jobs.ClaimedJob) -> tuple[dict[str, PreparedView], dict[str, Dataset], float, Study]:
@@ -163,7 +166,7 @@ class PipelineWorker(Loop):
                 ", ".join(lacking),
                 ", ".join(options.models),
             )
-        result = run_pipeline(prepared, options, {"prepare": seconds}, progress)
+        result = run_pipeline(prepared, options, {"prepare": seconds}, progress, self.models)
         METRICS.observe_job(result.timing_s)
         stored = store_results(self.cfg, self.db, claimed, study, result, prepared, headers)
         note = partial_note(lacking) if lacking else None

@@ -16,6 +16,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mammonode import audit
 from mammonode.config import Config
 from mammonode.web.oidc import READ, WRITE, JwtVerifier, KeysUnavailable, TokenRejected
 
@@ -33,13 +34,29 @@ def _unauthorized(message: str, error: str = "") -> JSONResponse:
     """401; ``error`` only when a token was sent (RFC 6750 3.1: a request without any
     credentials gets the bare challenge)."""
     challenge = f'{_REALM}, error="{error}", error_description="{message}"' if error else _REALM
-    return JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": challenge})
+    response = JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": challenge})
+    response.refused_for = message  # for the audit trail (BearerAuth.dispatch)
+    return response
 
 
 def _insufficient_scope(scope: str) -> JSONResponse:
     challenge = f'{_REALM}, error="insufficient_scope", scope="{scope}"'
-    return JSONResponse(
-        {"error": f"the token lacks the {scope} scope"}, status_code=403, headers={"WWW-Authenticate": challenge}
+    message = f"the token lacks the {scope} scope"
+    response = JSONResponse({"error": message}, status_code=403, headers={"WWW-Authenticate": challenge})
+    response.refused_for = message  # for the audit trail (BearerAuth.dispatch)
+    return response
+
+
+def _audit_refusal(request: Request, reason: str) -> None:
+    """A Security Alert (Use of Restricted Function) for a request refused for its token,
+    rate-limited per client address. Run in the thread pool: the audit file is fsynced,
+    which the event loop must not wait for."""
+    client = request.client.host if request.client else ""
+    audit.emit_security_alert(
+        audit.Participant("unauthenticated", True, None, client),
+        str(request.url.path),
+        f"{request.method} {request.url.path} refused: {reason}",
+        audit.messages.USE_OF_RESTRICTED_FUNCTION,
     )
 
 
@@ -58,6 +75,12 @@ class BearerAuth(BaseHTTPMiddleware):
         self.verifier = verifier
 
     async def dispatch(self, request: Request, call_next):
+        response = await self._dispatch(request, call_next)
+        if response.status_code in (401, 403) and getattr(response, "refused_for", None):
+            await run_in_threadpool(_audit_refusal, request, response.refused_for)
+        return response
+
+    async def _dispatch(self, request: Request, call_next):
         if any(key.lower() in QUERY_TOKEN_PARAMS for key in request.query_params.keys()):
             return _unauthorized("tokens in the URL are refused; send Authorization: Bearer <token>")
         header = request.headers.get("authorization", "")

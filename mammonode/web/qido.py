@@ -8,6 +8,7 @@ from collections import defaultdict
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mammonode import audit
 from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
 from mammonode.web import catalog
 
@@ -31,14 +32,33 @@ def _bad_query(exc: QueryError) -> Response:
     return Response(json.dumps({"error": str(exc)}), status_code=400, media_type="application/json")
 
 
+def _audit_query(request: Request) -> None:
+    """110112 Query for a search answered: the client as requestor, this node as responder."""
+    ctx = audit.context()
+    if ctx is None:
+        return
+    client = request.client.host if request.client else ""
+    audit.emit(
+        audit.messages.query(
+            ctx.source,
+            audit.Participant("dicomweb-client", True, audit.messages.SOURCE, client),
+            ctx.node(False, audit.messages.DESTINATION),
+            str(request.url.path),
+            request.url.query,
+        )
+    )
+
+
 def _answer(handler):
-    """Run a QIDO handler, answering 400 for a query it does not take."""
+    """Run a QIDO handler, answering 400 for a query it does not take; audit the ones answered."""
 
     def wrapped(self, request: Request) -> Response:
         try:
-            return handler(self, request)
+            response = handler(self, request)
         except QueryError as exc:
             return _bad_query(exc)
+        _audit_query(request)
+        return response
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

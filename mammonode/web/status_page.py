@@ -92,6 +92,12 @@ def _failing(data: dict) -> str:
             f"{d['retrying']} retrying ({d['studies']} {'study' if d['studies'] == 1 else 'studies'}{retry}): "
             f"{escape(d['last_error'] or '')}</li>"
         )
+    for c in now.get("commitments", []):
+        items.append(
+            f"<li class='err'>storage commitment by <b>{escape(c['destination'])}</b>: {c['timeouts']} "
+            f"commit-timeout ({c['studies']} {'study' if c['studies'] == 1 else 'studies'}): "
+            f"{escape(c['last_error'] or '')}</li>"
+        )
     for f in now["studies"]:
         items.append(
             f"<li class='err'>study <span class='uid'>{escape(_short_uid(f['study_instance_uid']))}</span> failed "
@@ -133,6 +139,10 @@ def render_status_page(cfg: Config, db: Database, limit: int = 25) -> str:
     values = "".join(f"<td>{v}</td>" for v in data["studies"].values())
     jobs = ", ".join(f"{escape(k)} {v}" for k, v in data["jobs"].items())
     deliveries = ", ".join(f"{escape(k)} {v}" for k, v in data["deliveries"].items())
+    if any(data.get("commitments", {}).values()):
+        deliveries += (
+            " (storage commitment: " + ", ".join(f"{escape(k)} {v}" for k, v in data["commitments"].items()) + ")"
+        )
     alive = sum(1 for w in data["workers"] if w["alive"])
     identity_heads = "<th>study date</th><th>accession</th>" if phi else ""
     history = (

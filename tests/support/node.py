@@ -91,6 +91,7 @@ class NodeProcess:
         dicomweb: dict | None = None,
         notify: list[dict] | None = None,
         rules: list[dict] | None = None,
+        audit: dict | None = None,
     ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,8 @@ class NodeProcess:
             "delivery": {"poll_interval_s": 0.5, "backoff_initial_s": 1.0, "backoff_max_s": 2.0, **(delivery or {})},
             "logging": {"level": "INFO", "json": True},
         }
+        if audit is not None:
+            sections["audit"] = audit
         self.config = write_config(tmp / "config.toml", sections, destinations, notify, rules)
         self.config.chmod(0o600)  # as an operator keeps a file that may hold tokens
         self.proc: subprocess.Popen | None = None
