@@ -12,7 +12,11 @@ once alone (``predict --models image_only_imagewise,image_heatmaps_imagewise``),
 stage times and their deviation from ../shared/reference/imagewise.
 
     .venv/bin/python benchmarks/pipeline.py [--device cpu|cuda] [--skip-bf16]
-        [--skip-imagewise | --imagewise-only]
+        [--skip-imagewise | --imagewise-only] [--cpu-variants]
+
+``--cpu-variants`` adds two fp32 runs: with glibc's default malloc policy (as before
+runtime.keep_freed_buffers) and with the patch model compiled (pipeline.compile; its compile
+time shows as load_models, and "with the models already loaded" is a worker's later exams).
 """
 
 from __future__ import annotations
