@@ -357,12 +357,13 @@ def db_reindex(
 ) -> None:
     """Record again every instance file no row refers to (under instances/ and quarantine/),
     from its header, e.g. after the database was restored from a backup or lost. The node
-    may keep running."""
+    may keep running. The [[rules]] decide again which instances are held (a file a drop
+    rule now matches is held, never deleted)."""
     cfg = config_or_exit(config)
     setup_logging(cfg, "WARNING")
     from mammonode.ingest.recovery import reindex
 
-    data = reindex(cfg.storage_dir, open_db(cfg, create=True), min_age_s=min_age)
+    data = reindex(cfg.storage_dir, open_db(cfg, create=True), min_age_s=min_age, rules=cfg.rules)
     if as_json:
         print_json(data)
         return

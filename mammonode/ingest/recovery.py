@@ -13,12 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
+from mammonode.config import Rule
 from mammonode.db.records import instance_path, instance_paths, known_paths
 from mammonode.db.session import Database
 from mammonode.ingest.layout import StorageLayout, files_below, move
+from mammonode.ingest.rules import Match, match
 from mammonode.ingest.store import StoreError, ingest, read_header
 
 log = logging.getLogger(__name__)
@@ -91,13 +96,16 @@ def quarantine_unreferenced(layout: StorageLayout, db: Database, old: Callable[[
     return moved
 
 
-def reindex(storage_dir: Path, db: Database, min_age_s: float = 60.0) -> dict[str, int]:
+def reindex(storage_dir: Path, db: Database, min_age_s: float = 60.0, rules: Sequence[Rule] = ()) -> dict[str, int]:
     """Record again every instance file under ``instances/`` and ``quarantine/`` that no row
     refers to, from its header, through the same checks and row as a C-STORE; a quarantined
     file that is recorded moves back under ``instances/``. Idempotent; safe while the node
     runs (files under ``instances/`` younger than ``min_age_s`` may be mid-store and are
-    left alone). Returns counts per outcome."""
+    left alone). ``rules`` (the configured [[rules]]) decide again which files are held, as
+    for STOW-RS (no calling AE title); a file a ``drop`` rule now matches is recorded held:
+    reindex never discards a kept file. Returns counts per outcome."""
     layout = StorageLayout(storage_dir)
+    router = _reindex_router(rules) if rules else None
     with db.session() as session:
         known = known_paths(session)
         rows = instance_paths(session)
@@ -114,7 +122,7 @@ def reindex(storage_dir: Path, db: Database, min_age_s: float = 60.0) -> dict[st
     candidates += list(files_below(layout.quarantine_dir))
     # Oldest first: when two files hold versions of one instance, the newest is recorded last.
     for path in sorted(candidates, key=_mtime):
-        counts[_reindex_file(layout, db, path)] += 1
+        counts[_reindex_file(layout, db, path, router)] += 1
     out = dict(counts)
     out["quarantined_files"] = layout.quarantined_count()
     out["rows_without_file"] = sum(1 for rel in rows if not layout.absolute(rel).exists())
@@ -133,7 +141,17 @@ def _newer_version_recorded(layout: StorageLayout, db: Database, path: Path) -> 
     return recorded.name != path.name and recorded.exists() and _mtime(recorded) >= _mtime(path)
 
 
-def _reindex_file(layout: StorageLayout, db: Database, path: Path) -> str:
+def _reindex_router(rules: Sequence[Rule]) -> Callable[[Dataset], Match]:
+    def route(ds: Dataset) -> Match:
+        found = match(rules, ds, calling_ae=None)
+        if found.action == "drop":  # already kept: held, never run, never deleted
+            return replace(found, rule=replace(found.rule, action="store"))
+        return found
+
+    return route
+
+
+def _reindex_file(layout: StorageLayout, db: Database, path: Path, router=None) -> str:
     quarantined = layout.is_quarantined(path)
     try:
         if not path.exists():
@@ -141,7 +159,7 @@ def _reindex_file(layout: StorageLayout, db: Database, path: Path) -> str:
         if _newer_version_recorded(layout, db, path):
             _keep_aside(layout, path)
             return SUPERSEDED
-        result = ingest(path, layout.root, db, calling_ae="REINDEX", keep_replaced=True)
+        result = ingest(path, layout.root, db, calling_ae="REINDEX", keep_replaced=True, router=router)
     except StoreError as exc:
         _keep_aside(layout, path)
         log.warning("reindex: %s not recorded: 0x%04X %s", layout.relative(path), exc.status, exc.comment)

@@ -317,3 +317,39 @@ def test_read_only_database_refuses_every_store_and_storing_resumes_without_rest
         assert recorded(node, study_uid) == {str(ds.SOPInstanceUID) for ds in exam[:3]}
         rows_match_files(node)
         node.stop()
+
+
+def test_reindex_applies_the_rules_and_never_discards_a_kept_file(tmp_path):
+    """A database rebuilt by reindex keeps what the [[rules]] hold: a `store` rule's
+    instances are held again, and a file a `drop` rule now matches is held, not deleted."""
+    from mammonode.config import Rule
+    from mammonode.db.migrate import upgrade
+    from mammonode.db.session import Database
+    from mammonode.ingest.recovery import recover, reindex
+    from mammonode.ingest.store import ingest
+
+    storage = tmp_path / "storage"
+    exam = exam_datasets(shape=SHAPE)
+    first = Database(f"sqlite:///{tmp_path / 'first.sqlite'}")
+    upgrade(first.engine)
+    for ds in exam:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        ingest(path, storage, first)
+    first.dispose()
+    rebuilt = Database(f"sqlite:///{tmp_path / 'rebuilt.sqlite'}")
+    upgrade(rebuilt.engine)
+    recover(storage, rebuilt)
+    rules = [
+        Rule("hold-cc", "store", match={"view_position": ("CC",)}),
+        Rule("drop-rest", "drop"),
+    ]
+    counts = reindex(storage, rebuilt, rules=rules)
+    assert counts["restored"] == len(exam) and counts["refused"] == 0
+    assert stored_sop_uids(storage) == {str(ds.SOPInstanceUID) for ds in exam}
+    with closing(sqlite3.connect(tmp_path / "rebuilt.sqlite")) as raw:
+        rows = dict(raw.execute("select sop_instance_uid, rule from instances where held"))
+    positions = {str(ds.SOPInstanceUID): str(ds.ViewPosition) for ds in exam}
+    assert set(rows) == set(positions)
+    assert {uid: "hold-cc" if pos == "CC" else "drop-rest" for uid, pos in positions.items()} == rows
+    rebuilt.dispose()
