@@ -368,3 +368,25 @@ def test_cli_says_a_bad_hook_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "notify[0].events" in line and "study.done" in line
+
+
+def test_webhook_rows_of_a_dead_sender_on_this_host_are_released_at_start(database):
+    """As for result deliveries: a POST left in flight by a process that is gone is due
+    again at the next start, not after the stale-claim timeout."""
+    from mammonode.db.outbox import Claimer, release_dead_claims
+
+    db, t0 = database, datetime(2026, 1, 1, tzinfo=UTC)
+    with db.session() as s:
+        notifications.queue(s, "result.ready", "1.2.3", {"cancer": {}})
+    with db.session() as s:
+        assert notifications.dispatch(s, {"hook": NOTIFY_EVENTS}, now=t0) == 1
+    dead = Claimer("here", 111, "old", "notify-hook")
+    with db.session() as s:
+        claimed = notifications.claim_next(s, "hook", str(dead), 3600, now=t0)
+    with db.session() as s:
+        assert notifications.claim_next(s, "hook", "other", 3600, now=t0) is None  # in flight
+        assert release_dead_claims(s, "elsewhere", lambda who: False, NotifyDelivery) == 0
+        assert release_dead_claims(s, "here", lambda who: who.pid != dead.pid, NotifyDelivery) == 1
+    with db.session() as s:
+        again = notifications.claim_next(s, "hook", "other", 3600, now=t0)
+        assert again is not None and again.event_uid == claimed.event_uid

@@ -24,7 +24,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from mammonode.db import notifications
-from mammonode.db.models import CommitmentState, Delivery, DeliveryState, ResultObject, Study, utcnow
+from mammonode.db.models import CommitmentState, Delivery, DeliveryState, ResultObject, SendState, Study, utcnow
 from mammonode.db.records import record_event
 from mammonode.db.session import locked
 
@@ -233,15 +233,15 @@ def claim_due(
     return claimed
 
 
-def release_dead_claims(session: Session, host: str, alive: Callable[[Claimer], bool]) -> int:
-    """Rows left ``sending`` by claimers on ``host`` that are no longer alive back to
-    pending, due as they were (a failed attempt is not counted: the outcome is unknown, and
-    the stable UIDs make a re-send replace). Other hosts' claims wait for the timeout: their
-    processes cannot be asked."""
+def release_dead_claims(
+    session: Session, host: str, alive: Callable[[Claimer], bool], model: type[SendState] = Delivery
+) -> int:
+    """Rows (of ``model``: result deliveries, or webhook deliveries) left ``sending`` by
+    claimers on ``host`` that are no longer alive back to pending, due as they were (a failed
+    attempt is not counted: the outcome is unknown, and the stable UIDs make a re-send
+    replace). Other hosts' claims wait for the timeout: their processes cannot be asked."""
     sending = session.execute(
-        select(Delivery.claimed_by)
-        .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_by.is_not(None))
-        .distinct()
+        select(model.claimed_by).where(model.state == DeliveryState.SENDING, model.claimed_by.is_not(None)).distinct()
     ).scalars()
     dead = []
     for text in sending:
@@ -251,8 +251,8 @@ def release_dead_claims(session: Session, host: str, alive: Callable[[Claimer], 
     if not dead:
         return 0
     result = session.execute(
-        update(Delivery)
-        .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_by.in_(dead))
+        update(model)
+        .where(model.state == DeliveryState.SENDING, model.claimed_by.in_(dead))
         .values(state=DeliveryState.PENDING, claimed_by=None)
     )
     return result.rowcount or 0

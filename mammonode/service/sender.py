@@ -18,6 +18,7 @@ import time
 from mammonode import audit, delivery
 from mammonode.config import Config, Destination
 from mammonode.db import commitment, outbox
+from mammonode.db.models import Delivery, NotifyDelivery
 from mammonode.db.session import Database
 from mammonode.delivery.commitment import Requested
 from mammonode.delivery.commitment import request_commitment as request_commitment_from
@@ -53,11 +54,15 @@ def claimer_alive(who: outbox.Claimer) -> bool:
 
 
 def release_dead_claims(db: Database) -> int:
-    """Rows a dead process on this host left ``sending`` back to pending; logged when any."""
-    with db.session() as session:
-        released = outbox.release_dead_claims(session, HOST, claimer_alive)
-    if released:
-        log.warning("released %d deliveries left in flight by a process that is gone", released)
+    """Rows a dead process on this host left ``sending`` (result deliveries and webhook
+    deliveries) back to pending; logged when any."""
+    released = 0
+    for model, what in ((Delivery, "deliveries"), (NotifyDelivery, "webhook deliveries")):
+        with db.session() as session:
+            count = outbox.release_dead_claims(session, HOST, claimer_alive, model)
+        if count:
+            log.warning("released %d %s left in flight by a process that is gone", count, what)
+        released += count
     return released
 
 
