@@ -7,7 +7,7 @@
 #   benchmarks/device_check.sh OUT_DIR [device_check.py options: --device cuda:K, --exams N,
 #                                       --time-budget-s S, --quick]
 #   OUT_DIR may instead come from $MAMMONODE_CHECK_OUT. Wheels: $MAMMONODE_WHEELS (default
-#   device-wheels/); environment: $MAMMONODE_CHECK_VENV (default .venv-device/); the server's
+#   device-wheels/, and device-wheels-2/, ... when split); environment: $MAMMONODE_CHECK_VENV (default .venv-device/); the server's
 #   Python: $PYTHON (default python3). ../shared (samples, weights, references) must be beside
 #   the checkout.
 set -euo pipefail
@@ -35,6 +35,12 @@ TORCH=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/nu
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH" >"$constraints"
-"$VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS" --constraint "$constraints" -e .
+# The wheels may be split over $WHEELS, $WHEELS-2, ... (device-wheels.sh --split: a copy tool
+# that carries 64 MiB per call brings them in several calls).
+links=()
+for folder in "$WHEELS" "$WHEELS"-[0-9]*; do
+    [ -d "$folder" ] && links+=(--find-links "$folder")
+done
+"$VENV/bin/python" -m pip install --quiet --no-index "${links[@]}" --constraint "$constraints" -e .
 mkdir -p "$OUT"
 exec "$VENV/bin/python" benchmarks/device_check.py --out "$OUT" "$@"
