@@ -1,9 +1,11 @@
 """The audit trail of one process: every message appended to the local JSON-lines file, and,
 with a repository configured, spooled to disk for the sender thread of ``mammonode serve``.
 
-The file (``[audit] file``) is opened with O_APPEND and each record is one ``write`` of one
-line, fsynced before :meth:`AuditTrail.emit` returns, so records of several processes (the
-node and admin commands) never interleave and none acknowledged is lost to a crash.
+The file (``[audit] file``) is opened with O_APPEND for each record, which is one ``write``
+of one line, fsynced before :meth:`AuditTrail.emit` returns, so records of several processes
+(the node and admin commands) never interleave and none acknowledged is lost to a crash. It
+is not held open between records: a file system holding it (by default the storage
+directory) can then be remounted read-only, which the storage's read-only handling needs.
 
 The spool (``<storage>/audit/spool``) holds one file per message not yet taken by the
 repository, named so that sorting them is sending order. Every process writes there; only
@@ -51,7 +53,7 @@ class AuditTrail:
         self._last_full_warning = 0.0
         self.wake = threading.Event()
         file.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.close(os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))  # writable, or fail at start
         self._queued = 0  # spool files, as far as this process knows
         if spool_dir is not None:
             spool_dir.mkdir(parents=True, exist_ok=True)
@@ -69,8 +71,12 @@ class AuditTrail:
         )
         data = (line + "\n").encode()
         with self._lock:
-            os.write(self._fd, data)
-            os.fsync(self._fd)
+            fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if self.spool_dir is not None:
                 self._spool(data)
         self.wake.set()
@@ -114,10 +120,7 @@ class AuditTrail:
             self._queued = max(0, self._queued - 1)
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        """Nothing is held open between records; kept for the callers' symmetry."""
 
 
 class SyslogSender:
