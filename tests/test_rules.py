@@ -192,7 +192,7 @@ def test_the_default_rule_processes_everything(tmp_path):
 def test_the_documented_example_in_config_toml_is_valid(tmp_path):
     """The commented [[rules]] example of config.toml, uncommented, loads and routes as its comments say."""
     text = (REPO / "config.toml").read_text()
-    example = text[text.index("# [[rules]]") :]
+    example = text[text.index("# [[rules]]") :].split("\n\n")[0]  # up to the blank line after it
     body = "\n".join(re.sub(r"^# ?", "", line) for line in example.splitlines())
     (tmp_path / "example.toml").write_text(body)
     rules = load_config(tmp_path / "example.toml", environ={}).rules
