@@ -347,7 +347,6 @@ def test_udp_repository_gets_one_datagram_per_message(session, tmp_path, caplog)
             assert wait_for(lambda: not list((tmp_path / "spool").glob("*.json")), 10), "spool not emptied"
     finally:
         sender.stop()
-        trail.close()
     assert [(i["input"], i["msgid"], i["xml"]) for i in got] == [("imudp", "DICOM+RFC3881", record.xml)]
     assert any("exceeds the largest UDP datagram" in r.getMessage() for r in caplog.records)
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 2  # both kept in the audit file
@@ -396,12 +395,9 @@ def test_the_spool_limit_counts_what_is_spooled_at_start(tmp_path, caplog):
     record = messages.study_deleted(
         messages.AuditSource("NODE"), messages.Participant("admin", True), messages.StudyObjects("1.2.3", "P1")
     )
-    try:
-        with caplog.at_level(logging.WARNING, logger="mammonode.audit.trail"):
-            for _ in range(3):
-                trail.emit(record)
-    finally:
-        trail.close()
+    with caplog.at_level(logging.WARNING, logger="mammonode.audit.trail"):
+        for _ in range(3):
+            trail.emit(record)
     assert len(list(spool.glob("*.json"))) == 2
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 3
     assert [r for r in caplog.records if "audit spool full" in r.getMessage()]

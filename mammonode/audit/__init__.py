@@ -83,12 +83,10 @@ def open_trail(cfg: Config, send: bool = False) -> None:
 def close_trail() -> None:
     global _trail, _sender, _context
     with _lock:
-        sender, trail = _sender, _trail
+        sender = _sender
         _trail = _sender = _context = None
     if sender is not None:
         sender.stop()
-    if trail is not None:
-        trail.close()
 
 
 def context() -> AuditContext | None:

@@ -119,9 +119,6 @@ class AuditTrail:
         with self._lock:
             self._queued = max(0, self._queued - 1)
 
-    def close(self) -> None:
-        """Nothing is held open between records; kept for the callers' symmetry."""
-
 
 class SyslogSender:
     """The node's thread that sends spooled messages to the repository, oldest first; on a

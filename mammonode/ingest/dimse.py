@@ -46,7 +46,7 @@ from mammonode.db.session import Database
 from mammonode.ingest import commitment
 from mammonode.ingest.layout import StorageLayout, ensure_dir
 from mammonode.ingest.rules import match
-from mammonode.ingest.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StoreError, ingest
+from mammonode.ingest.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestResult, StoreError, ingest
 from mammonode.metrics import METRICS, sop_class_label
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,29 @@ class AssociationState:
     refused: int = 0
 
 
-def _status(code: int, comment: str) -> Dataset:
+def failure_status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with its Error Comment (at most 64 characters, LO)."""
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]
     return status
+
+
+def store_request(event, cfg: Config, storage_dir: Path, db: Database, calling_ae: str) -> IngestResult:
+    """One C-STORE request's data set through :func:`ingest`: checked against the request's
+    UIDs and routed by the rules as sent by ``calling_ae`` (the listener's C-STOREs and
+    those a C-GET pull receives). Raises StoreError for a refusal."""
+    request = event.request
+    return ingest(
+        Path(event.dataset_path),
+        storage_dir,
+        db,
+        calling_ae=calling_ae,
+        expected_sop_uid=str(request.AffectedSOPInstanceUID),
+        expected_sop_class=str(request.AffectedSOPClassUID),
+        max_inflated_bytes=cfg.storage.max_inflated_bytes,
+        router=functools.partial(match, cfg.rules, calling_ae=calling_ae),
+    )
 
 
 class DimseListener:
@@ -263,30 +281,21 @@ class DimseListener:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
         if not self.accepting:
-            return _status(OUT_OF_RESOURCES, "node is shutting down")
+            return failure_status(OUT_OF_RESOURCES, "node is shutting down")
         request = event.request
         spool_file = Path(event.dataset_path).name
         with self._lock:
             self._in_ingest.add(spool_file)
         try:
-            result = ingest(
-                Path(event.dataset_path),
-                self.storage_dir,
-                self.db,
-                calling_ae=calling,
-                expected_sop_uid=str(request.AffectedSOPInstanceUID),
-                expected_sop_class=str(request.AffectedSOPClassUID),
-                max_inflated_bytes=self.cfg.storage.max_inflated_bytes,
-                router=functools.partial(match, self.cfg.rules, calling_ae=calling),
-            )
+            result = store_request(event, self.cfg, self.storage_dir, self.db, calling)
         except StoreError as exc:
             self._audit_refused(assoc)
             METRICS.instances.labels(sop_class_label(request.AffectedSOPClassUID), "failed", "dimse").inc()
             log.warning("C-STORE refused: status 0x%04X %s (calling AE %s)", exc.status, exc.comment, calling)
-            return _status(exc.status, exc.comment)
+            return failure_status(exc.status, exc.comment)
         except Exception as exc:  # never crash the association thread, never claim success
             log.exception("C-STORE failed unexpectedly")
-            return _status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
+            return failure_status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
         finally:
             with self._lock:
                 self._in_ingest.discard(spool_file)

@@ -14,7 +14,6 @@ import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
@@ -26,7 +25,7 @@ from pynetdicom.sop_class import (
 
 from mammonode.config import Config, Source
 from mammonode.db.session import Database
-from mammonode.ingest.dimse import configure_pynetdicom, spool_into
+from mammonode.ingest.dimse import configure_pynetdicom, failure_status, spool_into, store_request
 from mammonode.ingest.layout import StorageLayout
 from mammonode.ingest.pull import (
     Advance,
@@ -39,8 +38,7 @@ from mammonode.ingest.pull import (
     error_reason,
     series_requests,
 )
-from mammonode.ingest.rules import match
-from mammonode.ingest.store import CANNOT_UNDERSTAND, StoreError, ingest
+from mammonode.ingest.store import CANNOT_UNDERSTAND, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -196,25 +194,13 @@ class DimseSourceClient:
 
     def _store(self, event, stored: Fetched, advance: Advance) -> Dataset | int:
         request = event.request
-        calling = self.source.ae_title
         try:
-            result = ingest(
-                Path(event.dataset_path),
-                self.cfg.storage_dir,
-                self.db,
-                calling_ae=calling,
-                expected_sop_uid=str(request.AffectedSOPInstanceUID),
-                expected_sop_class=str(request.AffectedSOPClassUID),
-                max_inflated_bytes=self.cfg.storage.max_inflated_bytes,
-                router=functools.partial(match, self.cfg.rules, calling_ae=calling),
-            )
+            result = store_request(event, self.cfg, self.cfg.storage_dir, self.db, self.source.ae_title)
         except StoreError as exc:
             stored.failed += 1
             advance(1)
             log.warning("pull: instance %s refused: %s", request.AffectedSOPInstanceUID, exc.comment)
-            status = Dataset()
-            status.Status, status.ErrorComment = exc.status, exc.comment
-            return status
+            return failure_status(exc.status, exc.comment)
         except Exception as exc:  # never crash the association thread, never claim success
             stored.failed += 1
             advance(1)
@@ -222,9 +208,7 @@ class DimseSourceClient:
             # traceback at DEBUG.
             log.error("pull: storing instance %s failed: %s", request.AffectedSOPInstanceUID, error_reason(exc))
             log.debug("pull: storing instance %s failed", request.AffectedSOPInstanceUID, exc_info=True)
-            status = Dataset()
-            status.Status, status.ErrorComment = CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}"[:64]
-            return status
+            return failure_status(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
         stored.stored(result, str(request.AffectedSOPClassUID))
         advance(1)
         log.debug(
