@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
+from pathlib import Path
+
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; a common default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on right now, never handed out before by this process.
+
+    Chosen below the kernel's ephemeral range: a port the kernel picked for bind(0) can be
+    taken by any outgoing connection before the server that was meant to get it binds it
+    (a node once failed to start in CI that way)."""
+    low, _ = _ephemeral_range()
+    candidates = range(10000, low) if low > 11000 else range(low, 65535)
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError("no free TCP port found on 127.0.0.1")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

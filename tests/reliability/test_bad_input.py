@@ -4,6 +4,7 @@ never a success for something not stored, never a blocked study."""
 from __future__ import annotations
 
 import copy
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.network
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 
 
+UID_CHARS = re.compile(r"[0-9.]{1,64}")
+
+
 def send_files(port: int, paths: list[Path]) -> list[int | None]:
     """Send files as they are (raw bytes, not decoded or re-encoded by the sender)."""
     from pynetdicom import _config
@@ -35,9 +39,13 @@ def send_files(port: int, paths: list[Path]) -> list[int | None]:
     for p in paths:
         try:
             meta = pydicom.filereader.read_file_meta_info(p)
-            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+            sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
         except Exception:
-            contexts.add((MG, "1.2.840.10008.1.2.1"))
+            sop, ts = MG, "1.2.840.10008.1.2.1"
+        # A mangled UID in the file meta cannot go into an association request (pynetdicom's
+        # own encoder fails on it and the association times out): offer MG for it instead.
+        explicit_le = "1.2.840.10008.1.2.1"
+        contexts.add((sop if UID_CHARS.fullmatch(sop) else MG, ts if UID_CHARS.fullmatch(ts) else explicit_le))
     ae = AE(ae_title="BADSCU")
     ae.dimse_timeout = 60
     for sop, ts in contexts:
