@@ -130,7 +130,11 @@ def print_imagewise(name: str, run: dict, exam_total: float | None) -> None:
     stages = ", ".join(f"{k} {t[k]:.1f}" for k in IMAGEWISE_STAGES)
     added = sum(t[k] for k in IMAGEWISE_STAGES)
     patches = run["imagewise_heatmap_patches"]
-    reused = [v for v in VIEWS if run["views"][v]["imagewise"]["reused_exam_heatmaps"]]
+    reused = [
+        f"{v} {run['views'][v]['imagewise']['patches_from_exam']}"
+        for v in VIEWS
+        if run["views"][v]["imagewise"]["patches_from_exam"]
+    ]
     print(
         f"[{name}] image-wise stages (s): {stages}; together {added:.1f} s; total {t['total']:.1f} s"
         + (f" ({t['total'] - exam_total:+.1f} s against the exam-only fp32 run)" if exam_total else "")
@@ -138,7 +142,7 @@ def print_imagewise(name: str, run: dict, exam_total: float | None) -> None:
     print(
         f"[{name}] image-wise heatmaps: {patches['total']} patches ({patches['classified']} classified), "
         f"{patches['classified'] / max(run['imagewise_model_s'], 1e-9):.1f} classified patches/s in the model; "
-        f"reused from the exam: {', '.join(reused) or 'none'}; peak RSS {run['peak_rss_mb']:.0f} MB"
+        f"patches taken from the exam's: {', '.join(reused) or 'none'}; peak RSS {run['peak_rss_mb']:.0f} MB"
     )
     d = run["imagewise_deviation"]
     print(

@@ -225,6 +225,27 @@ def test_predict_on_dicoms_matches_reference(dicom_imagewise, iw_reference, arti
     _record(artifacts, "dicom", "stage_seconds", data["timing_s"])
 
 
+def _corners(strides: dict[str, list[int]]) -> set[tuple[int, int]]:
+    ys, xs = np.cumsum([0, *strides["width"]]), np.cumsum([0, *strides["length"]])
+    return {(int(y), int(x)) for y in ys for x in xs}
+
+
+@pytest.mark.slow
+def test_left_views_take_the_exams_patches_where_both_grids_have_one(dicom_imagewise, iw_reference, reference):
+    """The left views are seen facing right by both producers, so a patch the two grids share
+    is one input, classified once: all of L-CC's, those of L-MLO at a shared place (counted
+    from the two references' stride lists); the right views' producers see mirror images."""
+    for view in VIEWS:
+        ours = dicom_imagewise.data["views"][view]["imagewise"]
+        both = _corners(iw_reference["views"][view]["stride_lists"]) & _corners(
+            reference["views"][view]["stride_lists"]
+        )
+        expected = len(both) if view.startswith("L-") else 0
+        assert ours["patches_from_exam"] == expected, view
+        assert ours["reused_exam_heatmaps"] is (view == "L-CC"), view
+    assert dicom_imagewise.data["views"]["L-MLO"]["imagewise"]["patches_from_exam"] > 0
+
+
 @pytest.mark.slow
 def test_single_pass_on_dicoms_matches_reference(dicom_imagewise, iw_reference, test_weights_dir, artifacts):
     check_predictions(_single_passes(dicom_imagewise, test_weights_dir), iw_reference, SINGLE_PASS, "dicom", artifacts)

@@ -7,7 +7,8 @@ Differences from the original that leave the numbers unchanged: patches of all f
 are gathered by array indexing and classified in shared batches, all-background patches
 (identical by construction) are classified once, the grey patch goes through a conv0 whose
 weights are summed over the three identical input channels, and the averaging uses a 2-D
-difference array instead of adding every patch into the map.
+difference array instead of adding every patch into the map. A patch already classified on
+another grid over the same image in the same frame (``known``) is not classified again.
 """
 
 from __future__ import annotations
@@ -92,9 +93,12 @@ def _background_patches(raw: np.ndarray, corners: np.ndarray) -> np.ndarray:
 
 
 def _gather(image: torch.Tensor, corners: np.ndarray) -> torch.Tensor:
-    offsets = torch.arange(PATCH_SIZE)
-    rows = torch.as_tensor(corners[:, 0])[:, None] + offsets
-    cols = torch.as_tensor(corners[:, 1])[:, None] + offsets
+    """(N, 1, 256, 256) patches at ``corners``, gathered where ``image`` is (on a GPU: no
+    patch crosses from the host)."""
+    offsets = torch.arange(PATCH_SIZE, device=image.device)
+    corners_there = torch.as_tensor(corners, device=image.device)
+    rows = corners_there[:, 0, None] + offsets
+    cols = corners_there[:, 1, None] + offsets
     return image[rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
@@ -116,9 +120,28 @@ def accumulate(shape: tuple[int, int], corners: np.ndarray, values: np.ndarray) 
 
 
 @dataclass
+class PatchValues:
+    """The patch classifier's softmax (N, 4) for patches at ``corners`` (N, 2: top, left)."""
+
+    corners: np.ndarray
+    probabilities: np.ndarray
+
+    def lookup(self, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of ``corners`` are known here, and their values (rows of the known ones)."""
+        width = int(max(self.corners[:, 1].max(initial=0), corners[:, 1].max(initial=0))) + 1
+        mine = self.corners[:, 0] * width + self.corners[:, 1]
+        theirs = corners[:, 0] * width + corners[:, 1]
+        order = np.argsort(mine)
+        at = np.clip(np.searchsorted(mine, theirs, sorter=order), 0, len(mine) - 1)
+        found = mine[order[at]] == theirs
+        return found, self.probabilities[order[at[found]]]
+
+
+@dataclass
 class Heatmaps:
     benign: np.ndarray
     malignant: np.ndarray
+    patches: PatchValues | None = None
 
 
 @dataclass
@@ -155,6 +178,7 @@ def patch_runner(
         with torch.inference_mode():
             return torch.softmax(logits.float(), dim=1).cpu()
 
+    run.device = device  # where compute_heatmaps keeps the crops and gathers the patches
     return run
 
 
@@ -165,31 +189,43 @@ def compute_heatmaps(
     batch_size: int = 64,
     progress: Progress | None = None,
     stage: str = "heatmaps",
+    known: Sequence[PatchValues | None] | None = None,
 ) -> tuple[list[Heatmaps], HeatmapStats]:
     """Heatmaps for each cropped image on its grid, in the image's own frame (the exam's
-    crops face right); ``progress`` hears of every classified batch, as ``stage``."""
+    crops face right); ``progress`` hears of every classified batch, as ``stage``.
+    ``known[i]``: patches of image i already classified in this frame, taken as they are."""
     import time
 
+    device = getattr(run, "device", torch.device("cpu"))  # the runner's, where it says
     standardised, corner_lists, todo = [], [], []
+    probabilities = [np.zeros((len(g.top_left), 4), dtype=np.float32) for g in grids]
     for index, (crop, grid) in enumerate(zip(crops, grids)):
         if crop.shape != grid.shape:
             raise ValueError("grid does not match its image")
         corners = grid.top_left
         corner_lists.append(corners)
-        standardised.append(torch.from_numpy(standardise.for_heatmaps(crop)))
+        standardised.append(torch.from_numpy(standardise.for_heatmaps(crop)).to(device))
         background = _background_patches(crop, corners)
-        todo.append((index, corners, background))
+        done = np.zeros(len(corners), dtype=bool)
+        if known is not None and known[index] is not None:
+            done, values = known[index].lookup(corners)
+            probabilities[index][done] = values
+        todo.append((index, corners, background, done))
 
     # One representative per view for its all-background patches (they all share one value
-    # after standardisation, but the value differs between views).
+    # after standardisation, but the value differs between views): a known one if any.
     jobs: list[tuple[int, np.ndarray]] = []  # (view index, corners to classify)
-    for index, _corners, background in todo:
-        keep = ~background
+    representative: list[int] = []
+    for index, _corners, background, done in todo:
+        keep = ~background & ~done
+        first = -1
         if background.any():
-            keep[np.flatnonzero(background)[0]] = True
+            known_background = np.flatnonzero(background & done)
+            first = int(known_background[0]) if len(known_background) else int(np.flatnonzero(background)[0])
+            keep[first] = not done[first]
+        representative.append(first)
         jobs.append((index, np.flatnonzero(keep)))
 
-    probabilities = [np.zeros((len(c), 4), dtype=np.float32) for c in corner_lists]
     queue_view = np.concatenate([np.full(len(chosen), index) for index, chosen in jobs])
     queue_patch = np.concatenate([chosen for _, chosen in jobs])
     if progress is not None:
@@ -211,15 +247,15 @@ def compute_heatmaps(
     seconds = time.perf_counter() - start
 
     results = []
-    for index, corners, background in todo:
+    for index, corners, background, _done in todo:
         probs = probabilities[index]
-        if background.any():
-            first = np.flatnonzero(background)[0]
-            probs[background] = probs[first]
+        if representative[index] >= 0:
+            probs[background] = probs[representative[index]]
         results.append(
             Heatmaps(
                 benign=accumulate(grids[index].shape, corners, probs[:, BENIGN_CLASS]),
                 malignant=accumulate(grids[index].shape, corners, probs[:, MALIGNANT_CLASS]),
+                patches=PatchValues(corners, probs),
             )
         )
     stats = HeatmapStats(patches=sum(len(c) for c in corner_lists), classified=len(queue_view), seconds_model=seconds)

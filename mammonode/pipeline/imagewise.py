@@ -11,8 +11,9 @@ whose conventions differ from the exam pipeline's, and are reproduced as they ar
 - augmentation: a fresh ``numpy.random.RandomState(seed)`` per image, and no image-index
   draw per epoch (the exam draws one).
 
-Where a view's producer frame and grid coincide with the exam's (L-CC with the same seed),
-its heatmaps are the exam's and are reused rather than computed again.
+Where a view's producer frame coincides with the exam's (the left views), each patch at a
+place the exam's grid also has is the exam's, not classified again: all of L-CC's (same
+seed, same grid), about a third of L-MLO's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from mammonode.exam.orientation import Frame, Orientation
 from mammonode.exam.views import VIEWS, angle
 from mammonode.pipeline.augment import Window, sample_window
 from mammonode.pipeline.classify import MAX_CROP_NOISE, MAX_CROP_SIZE_NOISE, model_input
-from mammonode.pipeline.heatmaps import Heatmaps, HeatmapStats, PatchGrid, PatchRunner, compute_heatmaps, make_grids
+from mammonode.pipeline.heatmaps import (
+    Heatmaps,
+    HeatmapStats,
+    PatchGrid,
+    PatchRunner,
+    PatchValues,
+    compute_heatmaps,
+    make_grids,
+)
 from mammonode.pipeline.inference import as_input, infer, prepare_model
 from mammonode.pipeline.models.imagewise import LABELS, SingleImageBreastModel
 from mammonode.pipeline.progress import Progress
@@ -44,7 +53,12 @@ class ImagewiseHeatmaps:
     benign: np.ndarray
     malignant: np.ndarray
     grid: PatchGrid
-    reused: bool = False  # taken from the exam's heatmaps (same frame, same grid)
+    patches_from_exam: int = 0  # patches the exam had classified at the same place, same frame
+
+    @property
+    def reused(self) -> bool:
+        """Every patch came from the exam (same frame, same grid): nothing was classified."""
+        return self.patches_from_exam == len(self.grid.top_left)
 
     @property
     def stride_lists(self) -> dict[str, list[int]]:
@@ -61,13 +75,12 @@ def grid(shape: tuple[int, int], seed: int) -> PatchGrid:
     return make_grids([shape], seed=seed)[0]
 
 
-def _reusable(orientation: Orientation, own: PatchGrid, exam: tuple[PatchGrid, Heatmaps] | None) -> Heatmaps | None:
-    """The exam's heatmaps of this view when they are what the producer would compute: the
-    exam works facing right, so the frames must coincide, and so must the grids."""
+def _known(orientation: Orientation, exam: tuple[PatchGrid, Heatmaps] | None) -> PatchValues | None:
+    """The exam's classified patches of this view where the producer sees the crop as the
+    exam does (facing right): a patch at the same place on both grids is the same input."""
     if exam is None or orientation.flips(Frame.FACING_RIGHT, PRODUCER_FRAME):
         return None
-    exam_grid, maps = exam
-    return maps if exam_grid == own else None
+    return exam[1].patches
 
 
 def compute(
@@ -80,30 +93,23 @@ def compute(
     exam: Mapping[str, tuple[PatchGrid, Heatmaps]] | None = None,
 ) -> tuple[dict[str, ImagewiseHeatmaps], HeatmapStats]:
     """Image-wise heatmaps of each cropped view (``crops`` facing right); ``exam``: the exam's
-    grids and heatmaps, reused where they coincide."""
+    grids and heatmaps, whose patches are reused wherever the two grids share one."""
     views = [v for v in VIEWS if v in crops]
-    out: dict[str, ImagewiseHeatmaps] = {}
-    todo: list[str] = []
-    grids: dict[str, PatchGrid] = {}
-    for view in views:
-        grids[view] = grid(crops[view].shape, seed)
-        reused = _reusable(orientations[view], grids[view], (exam or {}).get(view))
-        if reused is not None:
-            out[view] = ImagewiseHeatmaps(reused.benign, reused.malignant, grids[view], reused=True)
-        else:
-            todo.append(view)
-    stats = HeatmapStats(patches=0, classified=0, seconds_model=0.0)
-    if todo:
-        seen = [orientations[v].convert(crops[v], Frame.FACING_RIGHT, PRODUCER_FRAME) for v in todo]
-        maps, stats = compute_heatmaps(seen, [grids[v] for v in todo], run, batch_size, progress, stage=STAGE)
-        for view, m in zip(todo, maps):
-            o = orientations[view]
-            out[view] = ImagewiseHeatmaps(
-                benign=np.ascontiguousarray(o.convert(m.benign, PRODUCER_FRAME, Frame.FACING_RIGHT)),
-                malignant=np.ascontiguousarray(o.convert(m.malignant, PRODUCER_FRAME, Frame.FACING_RIGHT)),
-                grid=grids[view],
-            )
-    return {v: out[v] for v in views}, stats
+    grids = {view: grid(crops[view].shape, seed) for view in views}
+    known = [_known(orientations[v], (exam or {}).get(v)) for v in views]
+    seen = [orientations[v].convert(crops[v], Frame.FACING_RIGHT, PRODUCER_FRAME) for v in views]
+    maps, stats = compute_heatmaps(seen, [grids[v] for v in views], run, batch_size, progress, STAGE, known)
+    out = {}
+    for view, m, k in zip(views, maps, known):
+        o = orientations[view]
+        shared = 0 if k is None else int(k.lookup(m.patches.corners)[0].sum())
+        out[view] = ImagewiseHeatmaps(
+            benign=np.ascontiguousarray(o.convert(m.benign, PRODUCER_FRAME, Frame.FACING_RIGHT)),
+            malignant=np.ascontiguousarray(o.convert(m.malignant, PRODUCER_FRAME, Frame.FACING_RIGHT)),
+            grid=grids[view],
+            patches_from_exam=shared,
+        )
+    return out, stats
 
 
 def draw_windows(

@@ -120,6 +120,7 @@ class ViewResult:
                     "benign": _stats(self.imagewise.benign),
                 },
                 "reused_exam_heatmaps": self.imagewise.reused,
+                "patches_from_exam": self.imagewise.patches_from_exam,
             }
         return out
 
