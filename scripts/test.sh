@@ -2,7 +2,7 @@
 # Install the test peers (Debian packages) and the Python environment, then run the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES="dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-gdcm postgresql iproute2 util-linux curl chromium pixelmed-apps rsyslog rsyslog-gnutls"
+PACKAGES="dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-gdcm postgresql iproute2 util-linux curl chromium pixelmed-apps rsyslog rsyslog-gnutls logrotate"
 missing=""
 for p in $PACKAGES; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -235,6 +235,48 @@ def test_the_repository_receives_each_event_with_the_patient_named(session):
     assert base64.b64decode(asked.findtext("ParticipantObjectQuery")).decode() == f"PatientID={PATIENTS[0]}"
 
 
+def test_wado_rs_reads_are_audited_with_the_client_as_destination(session):
+    """A study read out over WADO-RS (instances, then metadata): one 110104 with action R
+    each, this node the source, the client the requestor and destination, every instance
+    sent counted by SOP class and the patient named (IHE RAD-107's audit)."""
+    node, receiver = session["node"], session["receiver"]
+    study_uid = session["uids"]["first"]
+    base = f"http://127.0.0.1:{node.web_port}/dicomweb/studies/{study_uid}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    accept = 'multipart/related; type="application/dicom"'
+    before = events(receiver.received())
+    retrieved = requests.get(base, headers={**auth, "Accept": accept}, timeout=30)
+    assert retrieved.status_code == 200
+    parts = retrieved.content.count(b"Content-Type: application/dicom")  # the four images and the results
+    assert parts > 4
+    assert requests.get(f"{base}/metadata", headers=auth, timeout=30).status_code == 200
+
+    def reads() -> list[etree._Element]:
+        transfers = of_event(receiver.received(), "110104")
+        return [
+            m for m in transfers if any(p.get("UserID") == "dicomweb-client" for p in m.findall("ActiveParticipant"))
+        ]
+
+    wait_events(receiver, before + Counter({"110104": 2}))
+    found = wait_for(lambda: len(reads()) >= 2 and reads(), 30, 0.2)
+    assert found and len(found) == 2, f"{len(reads())} WADO-RS reads audited"
+    for message in found:
+        ident = message.find("EventIdentification")
+        assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator")) == ("R", "0")
+        roles = {p.find("RoleIDCode").get("csd-code"): p for p in message.findall("ActiveParticipant")}
+        assert (roles["110153"].get("UserID"), roles["110153"].get("UserIsRequestor")) == ("MAMMONODE", "false")
+        client = roles["110152"]
+        assert (client.get("UserIsRequestor"), client.get("NetworkAccessPointID")) == ("true", "127.0.0.1")
+        study = objects(message)[study_uid]
+        counts = {c.get("UID"): int(c.get("NumberOfInstances")) for c in study.iter("SOPClass")}
+        assert counts[MG] == 4 and sum(counts.values()) == parts, counts
+        assert PATIENTS[0] in objects(message)
+    assert {m.findtext("EventIdentification/EventOutcomeDescription") for m in found} == {
+        "WADO-RS retrieve",
+        "WADO-RS metadata",
+    }
+
+
 def test_messages_wait_on_disk_while_the_repository_is_down_and_none_is_lost(session):
     node, receiver = session["node"], session["receiver"]
     spool = node.storage / "audit" / "spool"
@@ -385,6 +427,59 @@ def test_security_alerts_are_limited_per_kind_and_address():
     assert limiter.admit("110132", "10.0.0.3", now=7) is None
     assert limiter.admit("110132", "10.0.0.1", now=9.9) is None
     assert limiter.admit("110132", "10.0.0.1", now=10) == 2  # the two left out meanwhile
+
+
+def test_logrotate_with_the_shipped_config_loses_no_record(tmp_path):
+    """systemd/mammonode-audit.logrotate run by Debian's logrotate three times (forced) while
+    records keep being written: every record is in exactly one file, no line is cut, and the
+    older rotated files are compressed."""
+    import grp
+    import gzip
+    import pwd
+    import threading
+
+    logrotate = need_tool("logrotate")
+    audit_file = tmp_path / "audit" / "audit.jsonl"
+    trail = AuditTrail(audit_file, None, 10)
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    shipped = (Path(__file__).parents[1] / "systemd" / "mammonode-audit.logrotate").read_text()
+    assert "/var/lib/mammonode/audit/audit.jsonl {" in shipped and "mammonode mammonode" in shipped
+    config = tmp_path / "logrotate.conf"
+    config.write_text(shipped.replace("/var/lib/mammonode/audit/audit.jsonl", str(audit_file)).replace(
+        "mammonode mammonode", owner  # the service user where it runs as that user; here, whoever runs the test
+    ))  # fmt: skip
+    config.chmod(0o644)
+    record = messages.study_deleted(
+        messages.AuditSource("NODE"), messages.Participant("admin", True), messages.StudyObjects("1.2.3", "P1")
+    )
+    written, stop = [], threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            trail.emit(messages.AuditRecord(record.event, record.name, 0, str(len(written)), record.xml))
+            written.append(1)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        for _ in range(3):
+            time.sleep(1.1)  # dateformat has seconds: one rotation per second
+            done = subprocess.run(
+                [logrotate, "-f", "-s", str(tmp_path / "state"), str(config)], capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stderr
+    finally:
+        stop.set()
+        writer.join()
+
+    files = sorted(audit_file.parent.iterdir())
+    assert len([f for f in files if f.suffix == ".gz"]) == 2 and len(files) == 4, [f.name for f in files]
+    times = []
+    for f in files:
+        text = gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()
+        assert text == "" or text.endswith("\n"), f.name
+        times += [json.loads(line)["time"] for line in text.splitlines()]
+    assert sorted(times, key=int) == [str(i) for i in range(len(written))] and len(written) > 100
 
 
 def test_the_spool_limit_counts_what_is_spooled_at_start(tmp_path, caplog):

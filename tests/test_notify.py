@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,7 +22,7 @@ from support.node import NodeProcess, cli, write_config
 from support.paths import REPO
 
 from mammonode.config import NOTIFY_EVENTS, ConfigError, NotifyHook, load_config
-from mammonode.db import notifications
+from mammonode.db import notifications, queries
 from mammonode.db.migrate import upgrade
 from mammonode.db.models import Event, NotifyDelivery
 from mammonode.db.session import Database
@@ -235,6 +236,40 @@ def test_redirect_is_a_failed_attempt_never_followed(hooks):
         assert value not in log
 
 
+def test_admin_views_show_each_hooks_sends_and_what_is_failing(hooks):
+    """`mammonode notifications`, `status` and the status page, against what the receiver saw."""
+    receiver, node, uids = hooks
+    rows = json.loads(cli("notifications", "--json", config=node.config).stdout)
+    sends = {(r["hook"], r["event"], r["study_instance_uid"]): r for r in rows}
+    flaky = sends[("flaky", "result.ready", uids["complete"])]
+    assert (flaky["state"], flaky["attempts"], flaky["last_status"], flaky["last_error"]) == ("delivered", 3, 204, None)
+    assert flaky["event_id"] == json.loads(receiver.at("/flaky")[0]["body"])["event_id"]
+    redirect = sends[("redirect", "result.ready", uids["complete"])]
+    assert (redirect["state"], redirect["attempts"], redirect["last_status"]) == ("failed", 2, 302)
+    assert redirect["last_error"] == "HTTP 302 redirect (not followed)" and redirect["next_attempt_at"] is None
+    plain = {(r["event"], r["study_instance_uid"]) for r in rows if r["hook"] == "plain" and r["state"] == "delivered"}
+    bodies = [json.loads(r["body"]) for r in receiver.at("/plain")]
+    assert plain == {(b["event"], b["study"]["study_instance_uid"]) for b in bodies} and len(plain) == 4
+    only = json.loads(
+        cli("notifications", "--json", "--hook", "redirect", "--state", "failed", config=node.config).stdout
+    )
+    assert [(r["hook"], r["state"]) for r in only] == [("redirect", "failed")]
+
+    status = json.loads(cli("status", "--json", config=node.config).stdout)
+    assert status["notifications"]["failed"] == 1 and status["notifications"]["delivered"] == len(rows) - 1
+    [failing] = status["failing"]["notifications"]
+    assert (failing["hook"], failing["failed"], failing["retrying"]) == ("redirect", 1, 0)
+    text = cli("status", config=node.config).stdout
+    assert "notifications to redirect: 1 failed, 0 retrying" in text and "HTTP 302 redirect" in text
+    page = urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/", timeout=10).read().decode()
+    assert "notifications to <b>redirect</b>: 1 failed" in page
+
+    for bad, why in ((["--hook", "nosuch"], "no [[notify]] hook is named 'nosuch'"), (["--state", "x"], "--state")):
+        done = cli("notifications", *bad, config=node.config, check=False)
+        assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
 # -- the rows, on SQLite and PostgreSQL ----------------------------------------------------
 
 
@@ -278,6 +313,19 @@ def test_events_fan_out_retry_give_up_are_reclaimed_and_pruned(database):
     with db.session() as s:
         assert notifications.claim_next(s, "ready", "me", 60, now=t0) is None  # being sent
         assert notifications.record_attempt(s, first.delivery_id, False, 503, "HTTP 503", 2, retry_in, t0) == "pending"
+    with db.session() as s:  # what the admin views read (status, notifications), on this backend
+        failing = {f["hook"]: f for f in queries.failing_hooks(s)}
+        assert {h: (f["failed"], f["retrying"]) for h, f in failing.items()} == {"gone": (2, 0), "ready": (0, 1)}
+        assert failing["ready"]["next_attempt_at"].startswith("2026-01-01T00:00:10")
+        [listed] = queries.notifications(s, hook="ready")
+        assert (listed["state"], listed["attempts"], listed["last_status"], listed["last_error"]) == (
+            "pending",
+            1,
+            503,
+            "HTTP 503",
+        )
+        assert {r["hook"] for r in queries.notifications(s, state="failed")} == {"gone"}
+        assert len(queries.notifications(s, limit=2)) == 2
     with db.session() as s:
         assert notifications.claim_next(s, "ready", "me", 60, now=t0 + timedelta(seconds=9)) is None
         again = notifications.claim_next(s, "ready", "me", 60, now=t0 + timedelta(seconds=10))

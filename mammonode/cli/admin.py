@@ -15,6 +15,7 @@ from mammonode.cli.app import (
     console,
     db_app,
     err,
+    fail,
     open_db,
     print_json,
     setup_logging,
@@ -93,6 +94,8 @@ def status(
     console.print("deliveries: " + ", ".join(f"{k} {v}" for k, v in data["deliveries"].items()))
     if any(data["commitments"].values()):
         console.print("storage commitment: " + ", ".join(f"{k} {v}" for k, v in data["commitments"].items()))
+    if any(data["notifications"].values()):
+        console.print("notifications: " + ", ".join(f"{k} {v}" for k, v in data["notifications"].items()))
     if data["oldest_waiting"]:
         o = data["oldest_waiting"]
         console.print(
@@ -110,7 +113,7 @@ def status(
     if data["quarantined_instances"]:
         console.print(f"[yellow]{data['quarantined_instances']} instances of another patient than their study[/yellow]")
     now = data["failing"]
-    if now["deliveries"] or now["studies"] or now["commitments"]:
+    if now["deliveries"] or now["studies"] or now["commitments"] or now["notifications"]:
         console.print("[bold red]failing now[/bold red]")
     for d in now["deliveries"]:
         retry = f", next try {local_time(d['next_attempt_at'])}" if d["next_attempt_at"] else ""
@@ -123,6 +126,13 @@ def status(
         console.print(
             f"  [red]storage commitment by {c['destination']}[/red]: {c['timeouts']} commit-timeout "
             f"({c['studies']} studies; `mammonode retry UID` sends and asks again): {c['last_error']}",
+            highlight=False,
+        )
+    for n in now["notifications"]:
+        retry = f", next try {local_time(n['next_attempt_at'])}" if n["next_attempt_at"] else ""
+        console.print(
+            f"  [red]notifications to {n['hook']}[/red]: {n['failed']} failed, {n['retrying']} retrying{retry} "
+            f"(`mammonode notifications --hook {n['hook']}`): {n['last_error']}",
             highlight=False,
         )
     for f in now["studies"]:
@@ -138,6 +148,53 @@ def status(
             f"{e['study_instance_uid'] or ''} {e['message']}",
             highlight=False,
         )
+
+
+@app.command()
+def notifications(
+    config: Path | None = ConfigOption,
+    hook: str | None = typer.Option(None, "--hook", help="only this [[notify]] hook"),
+    state: str | None = typer.Option(
+        None, "--state", help="only sends in this state: pending, sending, delivered, failed"
+    ),
+    limit: int = typer.Option(50, "--limit", min=1, help="at most this many, newest first"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable JSON (the documented schema)"),
+) -> None:
+    """Webhook sends ([[notify]]), newest event first: state, attempts, the last answer."""
+    from mammonode.db.models import DeliveryState
+    from mammonode.db.queries import notifications as notifications_query
+
+    cfg = config_or_exit(config)
+    if state is not None and state not in (s for s in DeliveryState.ALL if s != DeliveryState.SUPERSEDED):
+        fail(f"--state: {state!r} is not one of pending, sending, delivered, failed", code=2)
+    if hook is not None and hook not in {h.name for h in cfg.notify}:
+        fail(f"--hook: no [[notify]] hook is named {hook!r} in {cfg.source}", code=2)
+    with open_db(cfg).session() as session:
+        rows = notifications_query(session, hook, state, limit)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no notifications" + (" matching" if hook or state else ""))
+        return
+    table = Table()
+    for column in ("event time", "hook", "event", "study", "state", "attempts", "last answer"):
+        table.add_column(column)
+    for r in rows:
+        answer = r["last_error"] or (f"HTTP {r['last_status']}" if r["last_status"] else "")
+        if r["next_attempt_at"]:
+            answer += f" (next try {local_time(r['next_attempt_at'])})"
+        colour = {"failed": "red", "delivered": "green"}.get(r["state"], "yellow")
+        table.add_row(
+            local_time(r["occurred_at"]),
+            r["hook"],
+            r["event"],
+            r["study_instance_uid"] or "",
+            f"[{colour}]{r['state']}[/{colour}]",
+            str(r["attempts"]),
+            answer,
+        )
+    console.print(table)
 
 
 @app.command()

@@ -21,6 +21,8 @@ from mammonode.db.models import (
     Instance,
     Job,
     JobState,
+    NotifyDelivery,
+    NotifyEvent,
     ResultObject,
     Study,
     StudyState,
@@ -229,7 +231,79 @@ def failing(session: Session, limit: int = 10) -> dict:
                 "error": job.last_error if job is not None else None,
             }
         )
-    return {"deliveries": destinations, "studies": failed_studies, "commitments": commit_timeouts(session)}
+    return {
+        "deliveries": destinations,
+        "studies": failed_studies,
+        "commitments": commit_timeouts(session),
+        "notifications": failing_hooks(session),
+    }
+
+
+def failing_hooks(session: Session) -> list[dict]:
+    """Per webhook, the events given up or being retried after an error, like deliveries."""
+    rows = (
+        session.execute(
+            select(NotifyDelivery)
+            .where(
+                (NotifyDelivery.state == DeliveryState.FAILED)
+                | (
+                    NotifyDelivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
+                    & NotifyDelivery.last_error.is_not(None)
+                )
+            )
+            .order_by(NotifyDelivery.hook, NotifyDelivery.next_attempt_at)
+        )
+        .scalars()
+        .all()
+    )
+    by_hook: dict[str, list[NotifyDelivery]] = {}
+    for row in rows:
+        by_hook.setdefault(row.hook, []).append(row)
+    out = []
+    for hook, items in by_hook.items():
+        retrying = [d for d in items if d.state != DeliveryState.FAILED]
+        newest = max(items, key=lambda d: d.claimed_at or d.created_at)
+        out.append(
+            {
+                "hook": hook,
+                "failed": len(items) - len(retrying),
+                "retrying": len(retrying),
+                "last_error": newest.last_error,
+                "next_attempt_at": iso(min(d.next_attempt_at for d in retrying)) if retrying else None,
+            }
+        )
+    return out
+
+
+WAITING = (DeliveryState.PENDING, DeliveryState.SENDING)
+
+
+def notifications(session: Session, hook: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
+    """The newest webhook sends (one per event and hook), newest event first."""
+    query = select(NotifyDelivery, NotifyEvent).join(NotifyEvent, NotifyDelivery.event_id == NotifyEvent.id)
+    if hook is not None:
+        query = query.where(NotifyDelivery.hook == hook)
+    if state is not None:
+        query = query.where(NotifyDelivery.state == state)
+    rows = session.execute(query.order_by(NotifyEvent.at.desc(), NotifyDelivery.id.desc()).limit(limit)).all()
+    return [
+        {
+            "hook": d.hook,
+            "event": e.kind,
+            "event_id": e.uid,
+            "occurred_at": iso(e.at),
+            "study_instance_uid": e.study_instance_uid,
+            "state": d.state,
+            "attempts": d.attempts,
+            "last_status": d.last_status,
+            "last_error": d.last_error,
+            "next_attempt_at": iso(d.next_attempt_at)
+            if d.state in (DeliveryState.PENDING, DeliveryState.SENDING)
+            else None,
+            "delivered_at": iso(d.delivered_at),
+        }
+        for d, e in rows
+    ]
 
 
 def commit_timeouts(session: Session) -> list[dict]:
@@ -279,6 +353,9 @@ def status(
     deliveries = {state: 0 for state in DeliveryState.ALL}
     for state, count in session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)):
         deliveries[state] = count
+    hooks = {state: 0 for state in (*WAITING, DeliveryState.DELIVERED, DeliveryState.FAILED)}
+    for state, count in session.execute(select(NotifyDelivery.state, func.count()).group_by(NotifyDelivery.state)):
+        hooks[state] = count
     # Storage commitment of delivered objects (counted within "delivered" above).
     commitments = {state: 0 for state in CommitmentState.ALL}
     for state, count in session.execute(
@@ -344,6 +421,7 @@ def status(
         "running": running,
         "deliveries": deliveries,
         "commitments": commitments,
+        "notifications": hooks,
         "failing": failing(session),
         "workers": workers,
         "oldest_waiting": None

@@ -98,6 +98,12 @@ def _failing(data: dict) -> str:
             f"commit-timeout ({c['studies']} {'study' if c['studies'] == 1 else 'studies'}): "
             f"{escape(c['last_error'] or '')}</li>"
         )
+    for n in now.get("notifications", []):
+        retry = f", next try {escape(local_time(n['next_attempt_at']))}" if n["next_attempt_at"] else ""
+        items.append(
+            f"<li class='err'>notifications to <b>{escape(n['hook'])}</b>: {n['failed']} failed, "
+            f"{n['retrying']} retrying{retry}: {escape(n['last_error'] or '')}</li>"
+        )
     for f in now["studies"]:
         items.append(
             f"<li class='err'>study <span class='uid'>{escape(_short_uid(f['study_instance_uid']))}</span> failed "
@@ -143,6 +149,10 @@ def render_status_page(cfg: Config, db: Database, limit: int = 25) -> str:
         deliveries += (
             " (storage commitment: " + ", ".join(f"{escape(k)} {v}" for k, v in data["commitments"].items()) + ")"
         )
+    hooks = data.get("notifications", {})
+    notified = (
+        "<br>notifications: " + ", ".join(f"{escape(k)} {v}" for k, v in hooks.items()) if any(hooks.values()) else ""
+    )
     alive = sum(1 for w in data["workers"] if w["alive"])
     identity_heads = "<th>study date</th><th>accession</th>" if phi else ""
     history = (
@@ -166,7 +176,7 @@ This page refreshes every 10 seconds.</p>
 <h2>Failing now</h2>{_failing(data)}
 {_running(data)}
 <h2>Queue</h2><table><tr>{counts}</tr><tr>{values}</tr></table>
-<p>jobs: {jobs}<br>deliveries: {deliveries}<br>workers alive: {alive} of {len(data["workers"])}</p>
+<p>jobs: {jobs}<br>deliveries: {deliveries}{notified}<br>workers alive: {alive} of {len(data["workers"])}</p>
 <h2>Recent studies</h2>
 <table><tr><th>Study Instance UID</th>{identity_heads}<th>state</th><th>views</th><th>missing</th>
 <th>model outputs (P malignant, density)</th><th>updated</th></tr>{_study_rows(rows, phi)}</table>

@@ -8,8 +8,34 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from mammonode import audit
+from mammonode.audit.messages import DESTINATION, MINOR_FAILURE, SOURCE, SUCCESS
 from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
 from mammonode.web import catalog
+
+
+def _audit_retrieval(request: Request, chosen: list[catalog.Entry], outcome: int, description: str) -> None:
+    """110104 action R for a study's instances (or their metadata) read out over WADO-RS:
+    this node the source, the client the requestor and destination (IHE RAD-107's audit)."""
+    ctx = audit.context()
+    if ctx is None or not chosen:
+        return
+    client = request.client.host if request.client else ""
+    patient_id = str(catalog.header(chosen[0].path).get("PatientID", "") or "")
+    study = audit.StudyObjects(chosen[0].study_uid, patient_id)
+    for entry in chosen:
+        study.add(entry.sop_class)
+    audit.emit(
+        audit.messages.instances_transferred(
+            ctx.source,
+            ctx.node(False, SOURCE),
+            audit.Participant("dicomweb-client", True, DESTINATION, client),
+            study,
+            action="R",
+            outcome=outcome,
+            description=description,
+        )
+    )
 
 
 class Wado(catalog.Catalog):
@@ -33,6 +59,17 @@ class Wado(catalog.Catalog):
         boundary = uuid.uuid4().hex
 
         def body():
+            finished = False
+            try:
+                yield from parts()
+                finished = True
+            finally:  # audited once the last byte went out, or when the client left early
+                outcome, what = (
+                    (SUCCESS, "WADO-RS retrieve") if finished else (MINOR_FAILURE, "WADO-RS retrieve cut short")
+                )
+                _audit_retrieval(request, chosen, outcome, what)
+
+        def parts():
             for entry in chosen:
                 syntax = str(catalog.header(entry.path).file_meta.get("TransferSyntaxUID", ""))
                 yield (
@@ -63,4 +100,5 @@ class Wado(catalog.Catalog):
                     bulk_data_element_handler=lambda elem, url=url: f"{url}/bulk/{elem.tag:08X}",
                 )
             )
+        _audit_retrieval(request, chosen, SUCCESS, "WADO-RS metadata")
         return Response(json.dumps(out), media_type=DICOM_JSON)
