@@ -120,7 +120,8 @@ class PipelineSection:
     augmentation: bool = True
     models: list[str] = field(default_factory=list)  # empty: every model (names checked by the CLI)
     precision: str = "fp32"
-    heatmap_batch: int = 8
+    heatmap_batch: int = 0  # 0: chosen for the device (pipeline.run.DEVICE_BATCHES)
+    classifier_batch: int = 0  # augmented epochs per classifier batch; 0: chosen for the device
     threads: int = 0  # 0: all CPUs this process may use
     compile: bool = False  # compile the patch model with TorchInductor once per worker (needs a C++ compiler)
     # An input image (Rows x Columns, and what a compressed frame's own header declares) larger than
@@ -741,6 +742,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"pipeline.device: auto, cpu, cuda or cuda:N, got {cfg.pipeline.device!r}")
     if cfg.pipeline.epochs < 1:
         raise ConfigError("pipeline.epochs: must be at least 1")
+    for key in ("heatmap_batch", "classifier_batch"):
+        if getattr(cfg.pipeline, key) < 0:
+            raise ConfigError(f"pipeline.{key}: 0 (chosen for the device) or a positive batch size")
     if cfg.pipeline.max_pixels < 1:
         raise ConfigError(f"pipeline.max_pixels: must be at least 1, got {cfg.pipeline.max_pixels}")
     if cfg.pipeline.precision not in ("fp32", "bf16", "tf32"):

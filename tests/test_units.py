@@ -119,3 +119,27 @@ def test_repository_config_file_is_the_defaults():
     defaults = Config()
     for section in ("node", "dicomweb", "storage", "database", "study", "pipeline", "worker", "delivery", "logging"):
         assert getattr(shipped, section) == getattr(defaults, section), section
+
+
+def test_batch_sizes_left_at_zero_are_chosen_for_the_device(tmp_path):
+    """8 patches and 1 epoch per batch on a CPU (what the reference runs were measured
+    with), 256 patches and every epoch at once on a GPU; a configured size is kept."""
+    from pathlib import Path
+
+    import torch
+
+    from mammonode.pipeline.run import PipelineOptions
+
+    options = PipelineOptions(weights_dir=Path("w"), epochs=10)
+    cpu, gpu = options.for_device(torch.device("cpu")), options.for_device(torch.device("cuda", 1))
+    assert (cpu.heatmap_batch, cpu.classifier_batch) == (8, 1)
+    assert (gpu.heatmap_batch, gpu.classifier_batch) == (256, 10)
+    chosen = PipelineOptions(weights_dir=Path("w"), heatmap_batch=64, classifier_batch=5)
+    assert (
+        chosen.for_device(torch.device("cuda")).heatmap_batch,
+        chosen.for_device(torch.device("cpu")).classifier_batch,
+    ) == (64, 5)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pipeline]\nclassifier_batch = -1\n")
+    with pytest.raises(ConfigError, match=r"pipeline\.classifier_batch"):
+        load_config(bad, environ={})

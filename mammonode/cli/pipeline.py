@@ -123,7 +123,12 @@ def predict(
         None, "--heatmaps-out", help="write each view's heatmaps here as .npy (float32, facing right)"
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
-    heatmap_batch: int = typer.Option(8, "--heatmap-batch", help="patches per patch-model batch"),
+    heatmap_batch: int = typer.Option(
+        0, "--heatmap-batch", min=0, help="patches per patch-model batch (0: 8 on a CPU, 256 on a GPU)"
+    ),
+    classifier_batch: int = typer.Option(
+        0, "--classifier-batch", min=0, help="augmented epochs per classifier batch (0: 1 on a CPU, all on a GPU)"
+    ),
     results_out: Path | None = typer.Option(None, "--results-out", help="also write SR and SC objects here"),
     allow_mixed_studies: bool = typer.Option(
         False, "--allow-mixed-studies", help="run files of different studies or patients as one exam"
@@ -158,7 +163,8 @@ def predict(
         augmentation=not no_augmentation,
         models=chosen,
         precision=precision,
-        heatmap_batch=heatmap_batch,
+        heatmap_batch=heatmap_batch or cfg.pipeline.heatmap_batch,
+        classifier_batch=classifier_batch or cfg.pipeline.classifier_batch,
         compile=compile_model or cfg.pipeline.compile,
     )
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,12 @@ from mammonode.pipeline.weights import ModelProvenance, WeightsError, model_file
 DEFAULT_MODELS = SELECTABLE
 
 
+# Batch sizes (patches, augmented epochs) where none is configured: small batches are faster
+# on a CPU (a 256-patch DenseNet batch alone overflows its caches), a GPU needs large ones to
+# be busy; 0 epochs: every epoch in one batch.
+DEVICE_BATCHES = {"cpu": (8, 1), "cuda": (256, 0)}
+
+
 @dataclass
 class PipelineOptions:
     weights_dir: Path
@@ -61,10 +67,19 @@ class PipelineOptions:
     augmentation: bool = True
     models: tuple[str, ...] = DEFAULT_MODELS
     precision: str = "fp32"  # or "bf16" (opt-in fast mode)
-    heatmap_batch: int = 8
-    classifier_batch: int = 1
+    heatmap_batch: int = 0  # 0: DEVICE_BATCHES for the device the run resolves to
+    classifier_batch: int = 0  # augmented epochs per batch; 0: DEVICE_BATCHES (0 there: every epoch)
     threads: int | None = None
     compile: bool = False  # compile the patch model (once per cache, i.e. once per worker)
+
+    def for_device(self, device: torch.device) -> PipelineOptions:
+        """These options with the batch sizes left at 0 chosen for ``device``."""
+        heatmap, classifier = DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]
+        return replace(
+            self,
+            heatmap_batch=self.heatmap_batch or heatmap,
+            classifier_batch=self.classifier_batch or classifier or self.epochs,
+        )
 
     def parameters(self) -> dict:
         return {
@@ -387,6 +402,7 @@ def run_pipeline(
     if not any(v in prepared for v in VIEWS):
         raise ImageInputError("no view to run the image-wise models on")
     device = resolve_device(options.device)
+    options = options.for_device(device)
     timing = dict(timing or {})
     total_start = time.perf_counter()
     models_to_run, skipped = plan_models(options)

@@ -54,6 +54,7 @@ def pipeline_options(cfg: Config, device: str | None = None) -> PipelineOptions:
         augmentation=p.augmentation,
         precision=p.precision,
         heatmap_batch=p.heatmap_batch,
+        classifier_batch=p.classifier_batch,
         threads=p.threads or None,
         compile=p.compile,
     )
