@@ -482,6 +482,23 @@ def test_logrotate_with_the_shipped_config_loses_no_record(tmp_path):
     assert sorted(times, key=int) == [str(i) for i in range(len(written))] and len(written) > 100
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_an_audit_file_root_creates_belongs_to_the_audit_directorys_owner(tmp_path):
+    """After a rotation an admin command run with sudo may write the first record: the file it
+    creates goes to the service user owning the directory, who must go on appending."""
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    os.chown(folder, 65534, 65534)  # nobody: the service user here
+    trail = AuditTrail(folder / "audit.jsonl", None, 10)
+    trail.emit(
+        messages.study_deleted(
+            messages.AuditSource("NODE"), messages.Participant("admin", True), messages.StudyObjects("1.2.3", "P1")
+        )
+    )
+    made = os.stat(folder / "audit.jsonl")
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (65534, 65534, 0o640)
+
+
 def test_the_spool_limit_counts_what_is_spooled_at_start(tmp_path, caplog):
     spool = tmp_path / "spool"
     spool.mkdir()

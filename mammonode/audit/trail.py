@@ -43,6 +43,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_for_append(file: Path) -> int:
+    """The audit file opened for appending, created if it is not there (after a rotation).
+    A file root creates (an admin command run with sudo) is given to the directory's owner,
+    the service user, who could otherwise no longer append to it."""
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    if os.geteuid() == 0:
+        try:
+            folder, mine = os.stat(file.parent), os.fstat(fd)
+            if (mine.st_uid, mine.st_gid) != (folder.st_uid, folder.st_gid) and mine.st_size == 0:
+                os.fchown(fd, folder.st_uid, folder.st_gid)
+        except OSError:
+            pass  # the record matters more than the owner
+    return fd
+
+
 class AuditTrail:
     def __init__(self, file: Path, spool_dir: Path | None, spool_max: int):
         self.file = file
@@ -53,7 +68,7 @@ class AuditTrail:
         self._last_full_warning = 0.0
         self.wake = threading.Event()
         file.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))  # writable, or fail at start
+        os.close(_open_for_append(file))  # writable, or fail at start
         self._queued = 0  # spool files, as far as this process knows
         if spool_dir is not None:
             spool_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +86,7 @@ class AuditTrail:
         )
         data = (line + "\n").encode()
         with self._lock:
-            fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = _open_for_append(self.file)
             try:
                 os.write(fd, data)
                 os.fsync(fd)

@@ -30,6 +30,7 @@ RESULT_READY = "result.ready"
 STUDY_FAILED = "study.failed"
 STUDY_INCOMPLETE = "study.incomplete"
 DELIVERY_FAILED = "delivery.failed"
+HOOK_REMOVED = "hook no longer configured"  # last_error of the sends a removed hook leaves
 KEEP_DAYS = 30  # finished events (every hook delivered or given up) are deleted after this
 
 
@@ -85,7 +86,7 @@ def dispatch(session: Session, wants: Mapping[str, Collection[str]], now: dateti
     orphans = session.execute(
         update(NotifyDelivery)
         .where(NotifyDelivery.state == DeliveryState.PENDING, NotifyDelivery.hook.not_in(list(wants)))
-        .values(state=DeliveryState.FAILED, last_error="hook no longer configured")
+        .values(state=DeliveryState.FAILED, last_error=HOOK_REMOVED)
     )
     if orphans.rowcount:
         record_event(

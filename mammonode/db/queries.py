@@ -29,6 +29,7 @@ from mammonode.db.models import (
     Worker,
     utcnow,
 )
+from mammonode.db.notifications import HOOK_REMOVED
 from mammonode.db.records import OTHER_PATIENT, other_patient_count, usable_counts
 
 
@@ -240,16 +241,22 @@ def failing(session: Session, limit: int = 10) -> dict:
 
 
 def failing_hooks(session: Session) -> list[dict]:
-    """Per webhook, the events given up or being retried after an error, like deliveries."""
+    """Per webhook, the events being retried after an error, and those given up since the
+    hook last took one (a hook that answers again is no longer failing; its sends given up
+    stay listed by ``notifications``). Sends a removed hook left are not failures."""
+    last_taken = dict(
+        session.execute(
+            select(NotifyDelivery.hook, func.max(NotifyDelivery.delivered_at))
+            .where(NotifyDelivery.state == DeliveryState.DELIVERED)
+            .group_by(NotifyDelivery.hook)
+        ).all()
+    )
     rows = (
         session.execute(
             select(NotifyDelivery)
             .where(
-                (NotifyDelivery.state == DeliveryState.FAILED)
-                | (
-                    NotifyDelivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])
-                    & NotifyDelivery.last_error.is_not(None)
-                )
+                ((NotifyDelivery.state == DeliveryState.FAILED) & (NotifyDelivery.last_error != HOOK_REMOVED))
+                | (NotifyDelivery.state.in_(WAITING) & NotifyDelivery.last_error.is_not(None))
             )
             .order_by(NotifyDelivery.hook, NotifyDelivery.next_attempt_at)
         )
@@ -258,6 +265,9 @@ def failing_hooks(session: Session) -> list[dict]:
     )
     by_hook: dict[str, list[NotifyDelivery]] = {}
     for row in rows:
+        taken = last_taken.get(row.hook)
+        if row.state == DeliveryState.FAILED and taken is not None and (row.claimed_at or row.created_at) < taken:
+            continue
         by_hook.setdefault(row.hook, []).append(row)
     out = []
     for hook, items in by_hook.items():
@@ -273,9 +283,6 @@ def failing_hooks(session: Session) -> list[dict]:
             }
         )
     return out
-
-
-WAITING = (DeliveryState.PENDING, DeliveryState.SENDING)
 
 
 def notifications(session: Session, hook: str | None = None, state: str | None = None, limit: int = 50) -> list[dict]:
@@ -304,6 +311,9 @@ def notifications(session: Session, hook: str | None = None, state: str | None =
         }
         for d, e in rows
     ]
+
+
+WAITING = (DeliveryState.PENDING, DeliveryState.SENDING)
 
 
 def commit_timeouts(session: Session) -> list[dict]:

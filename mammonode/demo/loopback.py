@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
 _handed_out: set[int] = set()
+_lock = threading.Lock()
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -25,20 +27,22 @@ def free_port() -> int:
     Chosen below the kernel's ephemeral range: a port the kernel picked for bind(0) can be
     taken by any outgoing connection before the server that was meant to get it binds it
     (a node once failed to start in CI that way)."""
-    low, _ = _ephemeral_range()
-    candidates = range(10000, low) if low > 11000 else range(low, 65535)
-    for _ in range(200):
-        port = random.choice(candidates)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    low, high = _ephemeral_range()
+    below, above = range(max(1024, low - 20000), low), range(high + 1, 65536)
+    candidates = below if len(below) >= len(above) else above
+    with _lock:
+        for _ in range(200 if candidates else 0):
+            port = random.choice(candidates)
+            if port in _handed_out:
                 continue
-        _handed_out.add(port)
-        return port
-    raise OSError("no free TCP port found on 127.0.0.1")
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free TCP port on 127.0.0.1 outside the ephemeral range {low}-{high}")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

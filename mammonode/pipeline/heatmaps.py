@@ -128,6 +128,8 @@ class PatchValues:
 
     def lookup(self, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which of ``corners`` are known here, and their values (rows of the known ones)."""
+        if not len(self.corners):
+            return np.zeros(len(corners), dtype=bool), self.probabilities[:0]
         width = int(max(self.corners[:, 1].max(initial=0), corners[:, 1].max(initial=0))) + 1
         mine = self.corners[:, 0] * width + self.corners[:, 1]
         theirs = corners[:, 0] * width + corners[:, 1]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from collections.abc import Callable, Iterator
 
+import anyio
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -12,6 +16,8 @@ from mammonode import audit
 from mammonode.audit.messages import DESTINATION, MINOR_FAILURE, SOURCE, SUCCESS
 from mammonode.ingest.stow import DICOM_JSON, dicomweb_base
 from mammonode.web import catalog
+
+log = logging.getLogger(__name__)
 
 
 def _audit_retrieval(request: Request, chosen: list[catalog.Entry], outcome: int, description: str) -> None:
@@ -38,6 +44,37 @@ def _audit_retrieval(request: Request, chosen: list[catalog.Entry], outcome: int
     )
 
 
+def _audit_read(request: Request, chosen: list[catalog.Entry], outcome: int, description: str) -> None:
+    """:func:`_audit_retrieval` that never fails the response."""
+    try:
+        _audit_retrieval(request, chosen, outcome, description)
+    except Exception:  # noqa: BLE001 - e.g. a file purged meanwhile: the response stands, the log says it
+        log.exception("could not audit a WADO-RS retrieval of study %s", chosen[0].study_uid)
+
+
+class _AuditedStream(StreamingResponse):
+    """A multipart body audited once it has ended: every part sent, or cut short by the
+    client (or a failure). Audited here rather than in the generator, whose clean-up a
+    disconnect leaves to the garbage collector."""
+
+    def __init__(self, parts: Iterator[bytes], audit_end: Callable[[bool], None], media_type: str):
+        self.sent_all = False
+        self._audit_end = audit_end
+
+        def content() -> Iterator[bytes]:
+            yield from parts
+            self.sent_all = True  # the last part went to the client before the generator got here
+
+        super().__init__(content(), media_type=media_type)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self._audit_end, self.sent_all)
+
+
 class Wado(catalog.Catalog):
     def _select(self, request: Request) -> list[catalog.Entry]:
         study_uid = request.path_params["study"]
@@ -58,17 +95,6 @@ class Wado(catalog.Catalog):
             return JSONResponse({"error": f"cannot produce {accept}"}, status_code=406)
         boundary = uuid.uuid4().hex
 
-        def body():
-            finished = False
-            try:
-                yield from parts()
-                finished = True
-            finally:  # audited once the last byte went out, or when the client left early
-                outcome, what = (
-                    (SUCCESS, "WADO-RS retrieve") if finished else (MINOR_FAILURE, "WADO-RS retrieve cut short")
-                )
-                _audit_retrieval(request, chosen, outcome, what)
-
         def parts():
             for entry in chosen:
                 syntax = str(catalog.header(entry.path).file_meta.get("TransferSyntaxUID", ""))
@@ -83,7 +109,14 @@ class Wado(catalog.Catalog):
             yield f"--{boundary}--\r\n".encode()
 
         media = f'multipart/related; type="application/dicom"; boundary={boundary}'
-        return StreamingResponse(body(), media_type=media)
+
+        def audit_end(complete: bool) -> None:
+            if complete:
+                _audit_read(request, chosen, SUCCESS, "WADO-RS retrieve")
+            else:
+                _audit_read(request, chosen, MINOR_FAILURE, "WADO-RS retrieve cut short")
+
+        return _AuditedStream(parts(), audit_end, media_type=media)
 
     def metadata(self, request: Request) -> Response:
         chosen = self._select(request)
@@ -100,5 +133,5 @@ class Wado(catalog.Catalog):
                     bulk_data_element_handler=lambda elem, url=url: f"{url}/bulk/{elem.tag:08X}",
                 )
             )
-        _audit_retrieval(request, chosen, SUCCESS, "WADO-RS metadata")
+        _audit_read(request, chosen, SUCCESS, "WADO-RS metadata")
         return Response(json.dumps(out), media_type=DICOM_JSON)
