@@ -277,6 +277,38 @@ def test_wado_rs_reads_are_audited_with_the_client_as_destination(session):
     }
 
 
+def test_a_wado_rs_read_the_client_leaves_is_audited_as_cut_short(session):
+    """A client that reads the first bytes of a study's multipart response and closes: the
+    read is audited with outcome 4 (minor failure), "cut short", not as a full transfer."""
+    import socket
+
+    node, receiver = session["node"], session["receiver"]
+    study_uid = session["uids"]["first"]
+
+    def cut_short() -> list[etree._Element]:
+        return [
+            m
+            for m in of_event(receiver.received(), "110104")
+            if m.findtext("EventIdentification/EventOutcomeDescription") == "WADO-RS retrieve cut short"
+        ]
+
+    assert not cut_short()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server cannot run ahead far
+    client.connect(("127.0.0.1", node.web_port))
+    client.sendall(
+        f"GET /dicomweb/studies/{study_uid} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        'Accept: multipart/related; type="application/dicom"\r\n\r\n'.encode()
+    )
+    assert client.recv(1024).startswith(b"HTTP/1.1 200")
+    client.close()  # with unread bytes: a reset
+    found = wait_for(cut_short, 30, 0.2)
+    assert found and len(found) == 1, "the read that was cut short was not audited as such"
+    ident = found[0].find("EventIdentification")
+    assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator")) == ("R", "4")
+    assert study_uid in objects(found[0])
+
+
 def test_messages_wait_on_disk_while_the_repository_is_down_and_none_is_lost(session):
     node, receiver = session["node"], session["receiver"]
     spool = node.storage / "audit" / "spool"

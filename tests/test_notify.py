@@ -249,7 +249,7 @@ def test_admin_views_show_each_hooks_sends_and_what_is_failing(hooks):
     assert redirect["last_error"] == "HTTP 302 redirect (not followed)" and redirect["next_attempt_at"] is None
     plain = {(r["event"], r["study_instance_uid"]) for r in rows if r["hook"] == "plain" and r["state"] == "delivered"}
     bodies = [json.loads(r["body"]) for r in receiver.at("/plain")]
-    assert plain == {(b["event"], b["study"]["study_instance_uid"]) for b in bodies} and len(plain) == 4
+    assert plain == {(b["event"], b["study"]["study_instance_uid"]) for b in bodies}
     only = json.loads(
         cli("notifications", "--json", "--hook", "redirect", "--state", "failed", config=node.config).stdout
     )
