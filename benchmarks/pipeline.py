@@ -12,11 +12,12 @@ once alone (``predict --models image_only_imagewise,image_heatmaps_imagewise``),
 stage times and their deviation from ../shared/reference/imagewise.
 
     .venv/bin/python benchmarks/pipeline.py [--device cpu|cuda] [--skip-bf16]
-        [--skip-imagewise | --imagewise-only] [--cpu-variants]
+        [--skip-imagewise | --imagewise-only] [--cpu-variants | --compiled]
 
 ``--cpu-variants`` adds two fp32 runs: with glibc's default malloc policy (as before
 runtime.keep_freed_buffers) and with the patch model compiled (pipeline.compile; its compile
 time shows as load_models, and "with the models already loaded" is a worker's later exams).
+``--compiled`` adds the compiled run alone.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main() -> None:
         help="also fp32 with glibc's default malloc policy (before runtime.keep_freed_buffers) and fp32 "
         "with the patch model compiled (pipeline.compile)",
     )
+    parser.add_argument("--compiled", action="store_true", help="also fp32 with the patch model compiled")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--models", default=EXAM_MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -182,10 +184,9 @@ def main() -> None:
         weights = weights_dir(tmp)
         plan = [] if args.imagewise_only else [("fp32", "fp32", EXAM_MODELS)]
         if args.cpu_variants:
-            plan += [
-                ("fp32 glibc-malloc", "fp32+glibc-malloc", EXAM_MODELS),
-                ("fp32 compiled", "fp32+compiled", EXAM_MODELS),
-            ]
+            plan += [("fp32 glibc-malloc", "fp32+glibc-malloc", EXAM_MODELS)]
+        if args.cpu_variants or args.compiled:
+            plan += [("fp32 compiled", "fp32+compiled", EXAM_MODELS)]
         plan += [] if args.skip_bf16 or args.imagewise_only else [("bf16", "bf16", EXAM_MODELS)]
         if not args.skip_imagewise:
             plan += [
