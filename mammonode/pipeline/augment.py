@@ -111,12 +111,24 @@ def sample_window(
 
 
 def cut(image: np.ndarray, window: Window, angle: str) -> np.ndarray:
-    """Cut ``window`` from ``image`` (H, W) or (H, W, C), zero-padded, resized to the input size."""
-    if window.pad_top or window.pad_bottom or window.pad_right:
-        pad = [(window.pad_top, window.pad_bottom), (0, window.pad_right)] + [(0, 0)] * (image.ndim - 2)
-        image = np.pad(image, pad)
+    """Cut ``window`` from ``image`` (H, W) or (H, W, C), zero-padded, resized to the input size.
+
+    The window's borders are in the frame of the image padded with zeros (``pad_top`` rows
+    above, ``pad_bottom`` below, ``pad_right`` columns on the right). Only the window is
+    built, from the part of the image it overlaps: padding the whole image for every epoch
+    copied it each time, for the same pixels."""
     top, bottom, left, right = window.borders
-    out = image[top:bottom, left:right]
+    if window.pad_top or window.pad_bottom or window.pad_right:
+        height, width = image.shape[:2]
+        out = np.zeros((bottom - top, right - left, *image.shape[2:]), dtype=image.dtype)
+        rows = (max(top, window.pad_top), min(bottom, window.pad_top + height))
+        cols = (max(left, 0), min(right, width))
+        if rows[0] < rows[1] and cols[0] < cols[1]:
+            out[rows[0] - top : rows[1] - top, cols[0] - left : cols[1] - left] = image[
+                rows[0] - window.pad_top : rows[1] - window.pad_top, cols[0] : cols[1]
+            ]
+    else:
+        out = image[top:bottom, left:right]
     size = INPUT_SIZE[angle]
     if out.shape[:2] != size:
         out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)

@@ -45,11 +45,17 @@ def draw_windows(
     return windows
 
 
-def model_input(image: np.ndarray, heatmaps: np.ndarray | None, window: Window, view: str) -> np.ndarray:
-    """(C, H, W) float32 input for one view and one window."""
-    if heatmaps is None:
-        return standardise.for_classifier(cut(image, window, angle(view)))[None]
-    joint = cut(np.dstack([image, heatmaps]), window, angle(view))
+def model_source(image: np.ndarray, heatmaps: np.ndarray | None) -> np.ndarray:
+    """What the epochs' windows are cut from: the image (H, W), or the image and its heatmaps
+    stacked (H, W, 3) once per view rather than once per epoch."""
+    return image if heatmaps is None else np.dstack([image, heatmaps])
+
+
+def model_input(source: np.ndarray, window: Window, view: str) -> np.ndarray:
+    """(C, H, W) float32 input for one window of a :func:`model_source`."""
+    if source.ndim == 2:
+        return standardise.for_classifier(cut(source, window, angle(view)))[None]
+    joint = cut(source, window, angle(view))
     channels = np.empty((joint.shape[2],) + joint.shape[:2], dtype=np.float32)
     channels[0] = standardise.for_classifier(joint[:, :, 0])
     channels[1:] = np.moveaxis(joint[:, :, 1:], 2, 0)
@@ -78,13 +84,13 @@ def predict(
     model = prepare_model(model, channels_last)
     epochs = epochs if augmentation else 1
     windows = draw_windows({v: images[v].shape for v in VIEWS}, centers, epochs, seed, augmentation)
+    sources = {v: model_source(images[v], heatmaps[v] if heatmaps is not None else None) for v in VIEWS}
     per_epoch = []
     for begin in range(0, epochs, batch_size):
         chunk = windows[begin : begin + batch_size]
         batch = {}
         for view in VIEWS:
-            aux = heatmaps[view] if heatmaps is not None else None
-            arrays = np.stack([model_input(images[view], aux, w[view], view) for w in chunk])
+            arrays = np.stack([model_input(sources[view], w[view], view) for w in chunk])
             batch[view] = as_input(torch.from_numpy(arrays), device, channels_last)
         out = infer(model, batch, device, precision)
         # Each label's probability is the mean of its CC and MLO heads.

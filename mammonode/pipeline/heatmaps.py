@@ -6,8 +6,9 @@ patch classifier's softmax for each patch is averaged over every pixel the patch
 Differences from the original that leave the numbers unchanged: patches of all four views
 are gathered by array indexing and classified in shared batches, all-background patches
 (identical by construction) are classified once, the grey patch goes through a conv0 whose
-weights are summed over the three identical input channels, and the averaging uses a 2-D
-difference array instead of adding every patch into the map. A patch already classified on
+weights are summed over the three identical input channels, the model runs with its batch
+norms folded and its transitions pooling before they convolve (models/densenet.py), and the
+averaging uses a 2-D difference array instead of adding every patch into the map. A patch already classified on
 another grid over the same image in the same frame (``known``) is not classified again.
 """
 

@@ -114,9 +114,9 @@ def load_model(name: str, weights_dir: Path) -> nn.Module:
     path = model_file(weights_dir, name)
     loaded = load_strict(model.build(), read_state_dict(path, model), path)
     if name == "patch":
-        from mammonode.pipeline.models.densenet import grey_input_densenet
+        from mammonode.pipeline.models.densenet import fold_batch_norms, grey_input_densenet
 
-        loaded = grey_input_densenet(loaded)
+        loaded = fold_batch_norms(grey_input_densenet(loaded))
     return loaded
 
 

@@ -9,6 +9,11 @@ densenet so the original state_dict loads (after the loader maps the old
 Where the SAME padding happens to be symmetric (every 3x3 stride-1 convolution) we use the
 convolution's own padding instead of a separate pad, which is the same arithmetic without an
 extra copy; only the stem (7x7/2 conv and 3x3/2 max pool) pads explicitly.
+
+Two rearrangements leave the function unchanged and cut the work (measured on a 2-core CPU,
+together about 1.2x patches/s): a transition pools before its 1x1 convolution, and
+:func:`fold_batch_norms` turns the loaded model's batch norms into convolution biases or
+per-channel affines.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -122,12 +128,22 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Sequential):
+    """Batch norm, ReLU, 1x1 convolution and 2x2 average pool, computed with the pool first.
+
+    The convolution (no bias) and the pool are both linear and act on different axes
+    (channels, space), so they commute; pooling first gives the convolution a quarter of
+    the pixels, which removes three quarters of the transitions' multiply-adds (about 8 %
+    of the network's). Zero padding, if a size were odd, commutes too: conv(0) = 0."""
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.add_module("norm", nn.BatchNorm2d(in_features))
         self.add_module("relu", nn.ReLU(inplace=True))
         self.add_module("conv", SamePadConv2d(in_features, out_features, kernel_size=1, bias=False))
         self.add_module("pool", SamePadAvgPool2d(kernel_size=2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(self.relu(self.norm(x))))
 
 
 class DenseNet121(nn.Module):
@@ -170,7 +186,53 @@ def grey_input_densenet(model: DenseNet121) -> DenseNet121:
     grey = SamePadConv2d(1, conv0.out_channels, kernel_size=conv0.kernel_size, stride=conv0.stride, bias=False)
     with torch.no_grad():
         grey.weight.copy_(conv0.weight.sum(dim=1, keepdim=True))
-    model.features.conv0 = grey.to(conv0.weight.device, conv0.weight.dtype)
+    model.features.conv0 = grey.to(conv0.weight.device, conv0.weight.dtype).train(conv0.training)
+    return model
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: an eval-mode batch norm with its statistics folded.
+
+    Same arithmetic as the batch norm's CPU kernel (which precomputes the same two vectors),
+    but one elementwise pass that also runs fast on a dense layer's input, a channel slice
+    of the block's buffer, where PyTorch's batch norm takes a path twice as slow."""
+
+    def __init__(self, norm: nn.BatchNorm2d) -> None:
+        super().__init__()
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+        self.register_buffer("scale", scale.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def fold_batch_norms(model: DenseNet121) -> DenseNet121:
+    """The loaded model (eval mode) for inference with no batch norm left.
+
+    A batch norm that follows a convolution (the stem's norm0, each dense layer's norm2)
+    becomes that convolution's bias, removing a pass over its output; one that follows a
+    concatenation or a pool (norm1, the transitions' norm, norm5) becomes a
+    :class:`ChannelAffine`. Only float rounding changes (about 1e-7 in the softmax); the
+    fidelity tests compare the result with the original's outputs. Training would need the
+    unfolded model: this is for loading weights to run them.
+    """
+    if model.training:
+        raise ValueError("fold_batch_norms is for a model in eval mode")
+    features = model.features
+    if isinstance(features.norm0, nn.BatchNorm2d):
+        features.conv0 = fuse_conv_bn_eval(features.conv0, features.norm0)
+        features.norm0 = nn.Identity()
+    for module in list(model.modules()):
+        if isinstance(module, DenseLayer) and isinstance(module.norm2, nn.BatchNorm2d):
+            module.conv1 = fuse_conv_bn_eval(module.conv1, module.norm2)
+            module.norm2 = nn.Identity()
+    for owner in list(model.modules()):
+        for name, child in list(owner.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(owner, name, ChannelAffine(child))
     return model
 
 
