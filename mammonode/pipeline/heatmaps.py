@@ -8,8 +8,9 @@ are gathered by array indexing and classified in shared batches, all-background 
 (identical by construction) are classified once, the grey patch goes through a conv0 whose
 weights are summed over the three identical input channels, the model runs with its batch
 norms folded and its transitions pooling before they convolve (models/densenet.py), and the
-averaging uses a 2-D difference array instead of adding every patch into the map. A patch already classified on
-another grid over the same image in the same frame (``known``) is not classified again.
+averaging uses a 2-D difference array instead of adding every patch into the map. A patch
+already classified on another grid over the same image in the same frame (``known``) is not
+classified again.
 """
 
 from __future__ import annotations
