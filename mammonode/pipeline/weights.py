@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mammonode.pipeline.registry import ModelSpec, spec
+from mammonode.pipeline.registry import CANCER_MODELS, IMAGEWISE_MODELS, ModelSpec, spec
 
 TEST_MARKER = "TEST_WEIGHTS"
 
@@ -117,6 +117,10 @@ def load_model(name: str, weights_dir: Path) -> nn.Module:
         from mammonode.pipeline.models.densenet import fold_batch_norms, grey_input_densenet
 
         loaded = fold_batch_norms(grey_input_densenet(loaded))
+    elif name in CANCER_MODELS + IMAGEWISE_MODELS:
+        from mammonode.pipeline.models import resnet22
+
+        loaded = resnet22.fold_batch_norms(loaded)
     return loaded
 
 

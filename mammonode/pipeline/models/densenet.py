@@ -58,15 +58,24 @@ class SamePadConv2d(nn.Conv2d):
 
 
 class SamePadMaxPool2d(nn.MaxPool2d):
-    """Max pool with TF "SAME" zero padding (the original pads with zeros, not -inf; the
-    input is post-ReLU so both give the same maxima)."""
+    """Max pool with TF "SAME" zero padding, for a non-negative (post-ReLU) input.
+
+    The original pads with zeros. On a non-negative input a zero never raises a maximum, so
+    where all the padding is after (bottom/right, as for an even side) ceil mode gives the
+    same maxima without the padded copy: its last window is the SAME one, clipped to the
+    input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = same_padding(x.shape[2], self.kernel_size, self.stride)
         left, right = same_padding(x.shape[3], self.kernel_size, self.stride)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return super().forward(x)
+        if top or left or not all(_ceil_mode_fits(x.shape[i], self.kernel_size, self.stride) for i in (2, 3)):
+            return super().forward(F.pad(x, (left, right, top, bottom)))
+        return F.max_pool2d(x, self.kernel_size, self.stride, ceil_mode=True)
+
+
+def _ceil_mode_fits(size: int, kernel: int, stride: int) -> bool:
+    """Whether an unpadded ceil-mode pool has as many windows as a SAME one."""
+    return kernel >= stride and -(-(size - kernel) // stride) + 1 == -(-size // stride)
 
 
 class SamePadAvgPool2d(nn.AvgPool2d):
@@ -115,9 +124,7 @@ class DenseBlock(nn.ModuleDict):
             if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             else torch.contiguous_format
         )
-        buffer = torch.empty((n, self.out_features, h, w), dtype=x.dtype, device=x.device).contiguous(
-            memory_format=memory_format
-        )
+        buffer = torch.empty((n, self.out_features, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format)
         buffer[:, : self.in_features] = x
         filled = self.in_features
         for layer in self.values():
@@ -143,6 +150,10 @@ class Transition(nn.Sequential):
         self.add_module("pool", SamePadAvgPool2d(kernel_size=2, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, ChannelClamp) and (x.shape[2] % 2 or x.shape[3] % 2):
+            # The pool would pad with zeros, which the folded shift (now in the conv's bias)
+            # would wrongly reach: the folded model is only for the even sides it runs on.
+            raise ValueError(f"a folded transition needs even sides, got {tuple(x.shape[2:])}")
         return self.conv(self.pool(self.relu(self.norm(x))))
 
 
@@ -194,14 +205,12 @@ class ChannelAffine(nn.Module):
     """``x * scale + shift`` per channel: an eval-mode batch norm with its statistics folded.
 
     Same arithmetic as the batch norm's CPU kernel (which precomputes the same two vectors),
-    but one elementwise pass that also runs fast on a dense layer's input, a channel slice
-    of the block's buffer, where PyTorch's batch norm takes a path twice as slow."""
+    but one elementwise pass that also runs fast on a channel slice of a buffer, where
+    PyTorch's batch norm takes a path twice as slow."""
 
     def __init__(self, norm: nn.BatchNorm2d) -> None:
         super().__init__()
-        with torch.no_grad():
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            shift = norm.bias - norm.running_mean * scale
+        scale, shift = _scale_shift(norm)
         self.register_buffer("scale", scale.reshape(1, -1, 1, 1).clone())
         self.register_buffer("shift", shift.reshape(1, -1, 1, 1).clone())
 
@@ -209,15 +218,66 @@ class ChannelAffine(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
+class ChannelClamp(nn.Module):
+    """``x`` clamped per channel to [low, high]: what is left of batch norm + ReLU once their
+    scale and shift are moved into the 1x1 convolution that follows (:func:`fold_norm_relu`).
+    One elementwise pass (``maximum`` where no channel has an upper bound) instead of two."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("low", low.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("high", high.reshape(1, -1, 1, 1).clone())
+        self.lower_only = bool(torch.isposinf(high).all())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, self.low) if self.lower_only else torch.clamp(x, self.low, self.high)
+
+
+def _scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+
+
+def fold_norm_relu(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> tuple[ChannelClamp, nn.Conv2d]:
+    """``conv(relu(norm(x)))`` as ``conv'(clamp(x))`` for an unpadded 1x1 ``conv``.
+
+    Per channel, with the norm's scale a and shift b and t = -b/a: relu(a x + b) equals
+    a max(x, t) + b where a > 0, a min(x, t) + b where a < 0, and relu(b) where a = 0. The
+    factor a goes into the convolution's weights, the constant b into its bias (a 1x1
+    convolution of a constant is the constant times the weights). Float rounding differs
+    from the unfolded layers only in the last bits."""
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError("fold_norm_relu needs an unpadded 1x1 convolution")
+    scale, shift = (v.double() for v in _scale_shift(norm))
+    threshold = -shift / scale
+    flat = (scale == 0) | ~torch.isfinite(threshold.float())  # relu(a x + b) is relu(b) for any x here
+    scale = torch.where(flat, 0.0, scale)
+    shift = torch.where(flat, shift.clamp_min(0), shift)
+    inf = torch.full_like(threshold, float("inf"))
+    low = torch.where(flat, 0.0, torch.where(scale > 0, threshold, -inf))
+    high = torch.where(flat, 0.0, torch.where(scale < 0, threshold, inf))
+    weight = conv.weight.detach().double()  # (out, in, 1, 1)
+    bias = torch.zeros(conv.out_channels, dtype=torch.float64) if conv.bias is None else conv.bias.detach().double()
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=1, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_(weight * scale.reshape(1, -1, 1, 1))
+        folded.bias.copy_(bias + weight.flatten(1) @ shift)
+    dtype, device = conv.weight.dtype, conv.weight.device
+    return ChannelClamp(low.to(dtype), high.to(dtype)).to(device), folded.to(device, dtype)
+
+
 def fold_batch_norms(model: DenseNet121) -> DenseNet121:
     """The loaded model (eval mode) for inference with no batch norm left.
 
     A batch norm that follows a convolution (the stem's norm0, each dense layer's norm2)
-    becomes that convolution's bias, removing a pass over its output; one that follows a
-    concatenation or a pool (norm1, the transitions' norm, norm5) becomes a
-    :class:`ChannelAffine`. Only float rounding changes (about 1e-7 in the softmax); the
-    fidelity tests compare the result with the original's outputs. Training would need the
-    unfolded model: this is for loading weights to run them.
+    becomes that convolution's bias, removing a pass over its output. One that is followed
+    by a ReLU and a 1x1 convolution (each dense layer's norm1, a transition's norm, whose
+    2x2 average pool is linear and unpadded on this network's even sides) leaves a
+    :class:`ChannelClamp` and moves into that convolution (:func:`fold_norm_relu`); norm5
+    becomes a :class:`ChannelAffine`. Only float rounding changes (about 1e-7 in the
+    softmax); the fidelity tests compare the result with the original's outputs. Training
+    would need the unfolded model: this is for loading weights to run them.
     """
     if model.training:
         raise ValueError("fold_batch_norms is for a model in eval mode")
@@ -229,6 +289,14 @@ def fold_batch_norms(model: DenseNet121) -> DenseNet121:
         if isinstance(module, DenseLayer) and isinstance(module.norm2, nn.BatchNorm2d):
             module.conv1 = fuse_conv_bn_eval(module.conv1, module.norm2)
             module.norm2 = nn.Identity()
+        if isinstance(module, (DenseLayer, Transition)):
+            names = ("norm1", "relu1", "conv1") if isinstance(module, DenseLayer) else ("norm", "relu", "conv")
+            norm, conv = getattr(module, names[0]), getattr(module, names[2])
+            if isinstance(norm, nn.BatchNorm2d):
+                clamp, conv = fold_norm_relu(norm, conv)
+                setattr(module, names[0], clamp)
+                setattr(module, names[1], nn.Identity())
+                setattr(module, names[2], conv)
     for owner in list(model.modules()):
         for name, child in list(owner.named_children()):
             if isinstance(child, nn.BatchNorm2d):
