@@ -1,15 +1,18 @@
 """An augmented window is the image zero-padded as the window says, cut and resized: built
 from the part of the image it overlaps, it must equal padding the whole image first (the
-original's way, written out here with np.pad), bit for bit, for images and image+heatmaps."""
+original's way, written out here with np.pad), bit for bit, for images and image+heatmaps; and
+the classifier input made from it holds the original's channels, in channels-last memory."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from mammonode.pipeline.augment import Window, cut, sample_window
 from mammonode.pipeline.centers import INPUT_SIZE
+from mammonode.pipeline.classify import as_batch, model_input, model_source
 
 
 def padded_then_cut(image: np.ndarray, window: Window, angle: str) -> np.ndarray:
@@ -55,3 +58,31 @@ def test_hand_made_windows_at_the_edges_of_the_padding(window, monkeypatch):
     image = np.arange(1, 30 * 30 * 3 + 1, dtype=np.float32).reshape(30, 30, 3)
     assert np.array_equal(cut(image, window, "CC"), padded_then_cut(image, window, "CC"))
     assert np.array_equal(cut(image[:, :, 0], window, "CC"), padded_then_cut(image[:, :, 0], window, "CC"))
+
+
+@pytest.mark.parametrize("heatmaps", [False, True])
+@pytest.mark.parametrize("augmented", [True, False])
+def test_classifier_input_is_the_original_channel_layout_in_channels_last_memory(heatmaps, augmented):
+    """The original stacks image and heatmaps channels-first, the image channel standardised
+    (its standard_normalize: float32 mean and std); the tensor we hand the network must hold
+    the same numbers, channels-last, without touching the source (a window of exactly the
+    input size is a view of it)."""
+    rng = np.random.default_rng(1)
+    image = rng.random((2900, 2100), dtype=np.float32) * 4000
+    maps = rng.random((2900, 2100, 2), dtype=np.float32) if heatmaps else None
+    source = model_source(image, maps)
+    before = source.copy()
+    noise = ((100, 100), 100) if augmented else ((0, 0), 0)
+    windows = [sample_window(image.shape, "CC", (1450, 1000), np.random.RandomState(s), *noise) for s in (0, 1)]
+    got = as_batch([model_input(source, w, "L-CC") for w in windows])
+    for i, window in enumerate(windows):
+        joint = cut(source, window, "CC")
+        joint = joint[:, :, None] if joint.ndim == 2 else joint
+        first = joint[:, :, 0].astype(np.float32)  # a copy, normalised as the original does in place
+        first -= np.mean(first)
+        first /= np.maximum(np.std(first), 10 ** (-5))
+        expected = np.concatenate([first[None], np.moveaxis(joint[:, :, 1:], 2, 0)])
+        assert np.array_equal(got[i].numpy(), expected)
+    assert got.shape == (2, 3 if heatmaps else 1, *INPUT_SIZE["CC"])
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(source, before)

@@ -52,14 +52,23 @@ def model_source(image: np.ndarray, heatmaps: np.ndarray | None) -> np.ndarray:
 
 
 def model_input(source: np.ndarray, window: Window, view: str) -> np.ndarray:
-    """(C, H, W) float32 input for one window of a :func:`model_source`."""
+    """(H, W, C) float32 input for one window of a :func:`model_source`: channels last, as
+    the resize gives them and as the network runs on a CPU, so :func:`as_batch` copies
+    nothing (a channels-first array cost two transposing copies of the 2677x1942x3 window)."""
     if source.ndim == 2:
-        return standardise.for_classifier(cut(source, window, angle(view)))[None]
+        return standardise.for_classifier(cut(source, window, angle(view)))[:, :, None]
     joint = cut(source, window, angle(view))
-    channels = np.empty((joint.shape[2],) + joint.shape[:2], dtype=np.float32)
-    channels[0] = standardise.for_classifier(joint[:, :, 0])
-    channels[1:] = np.moveaxis(joint[:, :, 1:], 2, 0)
-    return channels
+    if np.may_share_memory(joint, source):  # a window of the input size, taken as it is
+        joint = joint.copy()
+    joint[:, :, 0] = standardise.for_classifier(joint[:, :, 0])
+    return joint
+
+
+def as_batch(inputs: list[np.ndarray]) -> torch.Tensor:
+    """(N, C, H, W) tensor over :func:`model_input` arrays, in channels-last memory; one
+    input is taken as it is, more are stacked."""
+    stacked = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2)
 
 
 def predict(
@@ -90,8 +99,8 @@ def predict(
         chunk = windows[begin : begin + batch_size]
         batch = {}
         for view in VIEWS:
-            arrays = np.stack([model_input(sources[view], w[view], view) for w in chunk])
-            batch[view] = as_input(torch.from_numpy(arrays), device, channels_last)
+            inputs = as_batch([model_input(sources[view], w[view], view) for w in chunk])
+            batch[view] = as_input(inputs, device, channels_last)
         out = infer(model, batch, device, precision)
         # Each label's probability is the mean of its CC and MLO heads.
         per_epoch.append(((out["CC"].float() + out["MLO"].float()) / 2).cpu().numpy())

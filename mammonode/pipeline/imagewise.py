@@ -27,7 +27,7 @@ import torch
 from mammonode.exam.orientation import Frame, Orientation
 from mammonode.exam.views import VIEWS, angle
 from mammonode.pipeline.augment import Window, sample_window
-from mammonode.pipeline.classify import MAX_CROP_NOISE, MAX_CROP_SIZE_NOISE, model_input, model_source
+from mammonode.pipeline.classify import MAX_CROP_NOISE, MAX_CROP_SIZE_NOISE, as_batch, model_input, model_source
 from mammonode.pipeline.heatmaps import (
     Heatmaps,
     HeatmapStats,
@@ -146,8 +146,8 @@ def predict(
     per_epoch = []
     for begin in range(0, epochs, batch_size):
         chunk = windows[begin : begin + batch_size]
-        arrays = np.stack([model_input(source, w, view) for w in chunk])
-        out = infer(model, as_input(torch.from_numpy(arrays), device, channels_last), device, precision)
+        inputs = as_batch([model_input(source, w, view) for w in chunk])
+        out = infer(model, as_input(inputs, device, channels_last), device, precision)
         per_epoch.append(out.float().cpu().numpy())
         if progress is not None:
             progress.advance(len(chunk))

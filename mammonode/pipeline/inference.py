@@ -22,8 +22,9 @@ def prepare_model(model: nn.Module, channels_last: bool) -> nn.Module:
 
 
 def as_input(tensor: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``tensor`` on ``device`` in the layout the model runs in (a no-op where it is so)."""
     tensor = tensor.to(device, non_blocking=True)
-    return tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
+    return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def infer(model: Callable[[Any], Any], inputs: Any, device: torch.device, precision: str) -> Any:
