@@ -165,3 +165,16 @@ def test_whole_patch_model_folds_with_negative_and_zero_scales(test_weights_dir)
     spread = (expected[0] - expected[1]).abs().max()
     assert spread > 1e-3
     assert (got - expected).abs().max() < 1e-3 * spread
+
+
+def test_front_layers_in_smaller_batches_give_each_patch_the_same_logits(test_weights_dir):
+    model = load_model("patch", test_weights_dir)
+    torch.manual_seed(0)
+    patches = torch.randn(5, 1, 256, 256)
+    with torch.inference_mode():
+        whole = model(patches)
+        split = model(patches, front_batch=2)  # parts of 2, 2 and 1 before the deep layers
+        one_by_one = torch.cat([model(p[None]) for p in patches])
+    assert torch.allclose(split, whole, atol=1e-5, rtol=0)
+    assert torch.allclose(one_by_one, whole, atol=1e-5, rtol=0)
+    assert (whole.max(dim=0).values - whole.min(dim=0).values).max() > 1e-4

@@ -122,8 +122,9 @@ def test_repository_config_file_is_the_defaults():
 
 
 def test_batch_sizes_left_at_zero_are_chosen_for_the_device(tmp_path):
-    """8 patches and 1 epoch per batch on a CPU (what the reference runs were measured
-    with), 256 patches and every epoch at once on a GPU; a configured size is kept."""
+    """32 patches (8 at a time through the high-resolution layers) and 1 epoch per batch on
+    a CPU, 8 patches when the patch model is compiled, 256 patches and every epoch at once
+    on a GPU; a configured size is kept."""
     from pathlib import Path
 
     import torch
@@ -132,8 +133,11 @@ def test_batch_sizes_left_at_zero_are_chosen_for_the_device(tmp_path):
 
     options = PipelineOptions(weights_dir=Path("w"), epochs=10)
     cpu, gpu = options.for_device(torch.device("cpu")), options.for_device(torch.device("cuda", 1))
-    assert (cpu.heatmap_batch, cpu.classifier_batch) == (8, 1)
+    assert (cpu.heatmap_batch, cpu.classifier_batch) == (32, 1)
     assert (gpu.heatmap_batch, gpu.classifier_batch) == (256, 10)
+    compiled = PipelineOptions(weights_dir=Path("w"), compile=True)
+    assert compiled.for_device(torch.device("cpu")).heatmap_batch == 8
+    assert compiled.for_device(torch.device("cuda")).heatmap_batch == 256
     chosen = PipelineOptions(weights_dir=Path("w"), heatmap_batch=64, classifier_batch=5)
     assert (
         chosen.for_device(torch.device("cuda")).heatmap_batch,

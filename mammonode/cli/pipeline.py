@@ -124,7 +124,10 @@ def predict(
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reference) or bf16 (fast, approximate)"),
     heatmap_batch: int = typer.Option(
-        0, "--heatmap-batch", min=0, help="patches per patch-model batch (0: 8 on a CPU, 256 on a GPU)"
+        0,
+        "--heatmap-batch",
+        min=0,
+        help="patches per patch-model batch (0: 32 on a CPU, 8 when compiled, 256 on a GPU)",
     ),
     classifier_batch: int = typer.Option(
         0, "--classifier-batch", min=0, help="augmented epochs per classifier batch (0: 1 on a CPU, all on a GPU)"

@@ -15,6 +15,7 @@ classified again.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -159,13 +160,21 @@ PatchRunner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def patch_runner(
-    model: nn.Module, channels_last: bool = True, precision: str = "fp32", compiled_batch: int = 0
+    model: nn.Module,
+    channels_last: bool = True,
+    precision: str = "fp32",
+    compiled_batch: int = 0,
+    front_batch: int = 0,
 ) -> PatchRunner:
     """Softmax of the patch model for a batch of grey patches. With ``compiled_batch`` the
     model is compiled for batches of that size (pipeline.compile), and a smaller last
-    batch is padded to it, so one compiled graph serves every batch."""
+    batch is padded to it, so one compiled graph serves every batch. ``front_batch``: the
+    uncompiled model runs its high-resolution layers that many patches at a time
+    (:meth:`DenseNet121.forward`)."""
     device = next(model.parameters()).device
     model = prepare_model(model, channels_last)
+    if front_batch and not compiled_batch:
+        model = functools.partial(model, front_batch=front_batch)
     if compiled_batch:
         example = torch.zeros((compiled_batch, 1, PATCH_SIZE, PATCH_SIZE))
         compiled = compile_fixed(model, as_input(example, device, channels_last), device, precision)

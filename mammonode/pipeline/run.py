@@ -52,10 +52,12 @@ from mammonode.pipeline.weights import ModelProvenance, WeightsError, model_file
 DEFAULT_MODELS = SELECTABLE
 
 
-# Batch sizes (patches, augmented epochs) where none is configured: small batches are faster
-# on a CPU (a 256-patch DenseNet batch alone overflows its caches), a GPU needs large ones to
-# be busy; 0 epochs: every epoch in one batch.
-DEVICE_BATCHES = {"cpu": (8, 1), "cuda": (256, 0)}
+# Batch sizes (patches, augmented epochs) where none is configured: a GPU needs large ones to
+# be busy (0 epochs: every epoch in one batch). On a CPU the patch model runs 32 patches at a
+# time but its high-resolution layers 8 at a time (CPU_FRONT_BATCH; a 256-patch DenseNet batch
+# alone overflows the caches), and 8 throughout when compiled (one graph, one batch size).
+DEVICE_BATCHES = {"cpu": (32, 1), "cuda": (256, 0)}
+CPU_FRONT_BATCH = 8
 
 
 @dataclass
@@ -75,6 +77,8 @@ class PipelineOptions:
     def for_device(self, device: torch.device) -> PipelineOptions:
         """These options with the batch sizes left at 0 chosen for ``device``."""
         heatmap, classifier = DEVICE_BATCHES["cuda" if device.type == "cuda" else "cpu"]
+        if device.type != "cuda" and self.compile:
+            heatmap = CPU_FRONT_BATCH
         return replace(
             self,
             heatmap_batch=self.heatmap_batch or heatmap,
@@ -270,6 +274,7 @@ def _patch_model(
                 channels_last=channels_last,
                 precision=options.precision,
                 compiled_batch=options.heatmap_batch if options.compile else 0,
+                front_batch=CPU_FRONT_BATCH if device.type == "cpu" else 0,
             ),
         )
         return runner

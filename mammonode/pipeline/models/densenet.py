@@ -8,12 +8,13 @@ densenet so the original state_dict loads (after the loader maps the old
 
 Where the SAME padding happens to be symmetric (every 3x3 stride-1 convolution) we use the
 convolution's own padding instead of a separate pad, which is the same arithmetic without an
-extra copy; only the stem (7x7/2 conv and 3x3/2 max pool) pads explicitly.
+extra copy; only the stem's 7x7/2 convolution pads explicitly (its max pool needs no copy,
+see :class:`SamePadMaxPool2d`).
 
-Two rearrangements leave the function unchanged and cut the work (measured on a 2-core CPU,
-together about 1.2x patches/s): a transition pools before its 1x1 convolution, and
-:func:`fold_batch_norms` turns the loaded model's batch norms into convolution biases or
-per-channel affines.
+Rearrangements that leave the function unchanged cut the work (measured on a 2-core CPU,
+alternating in one process: 1.32x patches/s over the original's arrangement): a transition
+pools before its 1x1 convolution, and :func:`fold_batch_norms` moves the loaded model's
+batch norms into convolutions, leaving one clamp where a norm and a ReLU were.
 """
 
 from __future__ import annotations
@@ -177,10 +178,22 @@ class DenseNet121(nn.Module):
                 features //= 2
         self.features.add_module("norm5", nn.BatchNorm2d(features))
         self.classifier = nn.Linear(features, num_classes)
+        self.deep_start = list(self.features._modules).index("transition2")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.features(x))
-        h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+    def forward(self, x: torch.Tensor, front_batch: int = 0) -> torch.Tensor:
+        """Logits for a batch of patches. ``front_batch``: run the layers before the second
+        transition (the high-resolution ones, with the largest activations) that many
+        patches at a time and the deeper ones on the whole batch. Each patch's logits are
+        the same either way; on a CPU the small front batches keep their activations in
+        cache while the deep layers' small matrix products run faster on a large batch
+        (measured on 2 cores, alternating in one process: 8 then 32, 1.06-1.07x patches/s
+        against 8 throughout)."""
+        if 0 < front_batch < len(x):
+            front, deep = self.features[: self.deep_start], self.features[self.deep_start :]
+            h = deep(torch.cat([front(part) for part in x.split(front_batch)]))
+        else:
+            h = self.features(x)
+        h = F.adaptive_avg_pool2d(F.relu(h), 1).flatten(1)
         return self.classifier(h)
 
 
